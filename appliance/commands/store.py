@@ -1,0 +1,460 @@
+"""Store sub-commands: init, backup, points, restore, synthesize, prune, lock, delete, gc,
+verify, stats, bench, repair. Thin: parse, open the repository, call dedupstore, print."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import dedupstore as ds
+
+from .._ui import Progress, UserError, emit_json, human_bytes
+from ..cli import open_repo, passphrase, repo_path
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("init", help="create a repository")
+    p.add_argument("--encryption", choices=["none", "aes-256-gcm"], default="none")
+    p.add_argument("--compression", default="zstd", help="zstd[,LEVEL] | lzo | gzip[,LEVEL] | none")
+    p.add_argument("--hash", choices=["sha256", "blake3"], default="sha256")
+    p.add_argument("--block-size", default="64K", help="image block size (4K..4M, power of 2)")
+    p.set_defaults(func=cmd_init)
+
+    b = sub.add_parser("backup", help="take a backup point")
+    bsub = b.add_subparsers(dest="what", metavar="KIND")
+    bsub.required = True
+    bi = bsub.add_parser("image", help="disk images or block devices (one point, disk0..N)")
+    bi.add_argument("paths", nargs="+", type=Path)
+    bi.add_argument(
+        "--used-only",
+        action="store_true",
+        help="read only blocks the filesystems use (free space restores as zeros)",
+    )
+    bf = bsub.add_parser("files", help="a directory tree")
+    bf.add_argument("paths", nargs=1, type=Path)
+    for x in (bi, bf):
+        x.add_argument("--source", required=True, help="source name (e.g. the VM or host)")
+        x.add_argument(
+            "--mode", choices=["full", "incremental", "differential"], default="incremental"
+        )
+        x.add_argument("--label", help="free text stored with the point")
+        x.add_argument("--json", action="store_true")
+        x.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("points", help="list backup points")
+    p.add_argument("--source")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("restore", help="restore a point (or one file/dir inside it)")
+    p.add_argument("point", help="NAME@ID | NAME@latest [/disk0[/p1/path] | /path]")
+    p.add_argument("dest", type=Path)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("synthesize", help="a new full point from the latest of a chain")
+    p.add_argument("source")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("prune", help="delete points by retention policy")
+    p.add_argument("--source", help="only this source (default: every source)")
+    for rule in ("last", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("lock", help="make a point immutable until a date")
+    p.add_argument("point")
+    p.add_argument("--until", required=True, help="YYYY-MM-DD (UTC)")
+    p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("delete", help="delete one point (space returns at the next gc)")
+    p.add_argument("point")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("gc", help="remove unreferenced chunks and compact packs")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("verify", help="re-read and re-hash chunks; name damaged points")
+    p.add_argument("point", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("stats", help="logical/stored bytes, dedup and compression ratios")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("bench", help="this machine's hash / codec / cipher speeds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("repair", help="repair the repository")
+    p.add_argument(
+        "--rebuild-index",
+        action="store_true",
+        required=True,
+        help="recreate the index and catalogue from the pack files",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_repair)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root = repo_path(args)
+    pw = passphrase(args, confirm=True) if args.encryption != "none" else None
+    if args.encryption != "none" and not pw:
+        raise UserError("an encrypted repository needs APPLIANCE_PASSPHRASE (or a terminal)")
+    ds.Repository.create(
+        root,
+        block_size=ds.parse_size(args.block_size),
+        hash_name=args.hash,
+        compression=args.compression,
+        encryption=args.encryption,
+        passphrase=pw,
+    )
+    print(
+        f"initialised repository {root} ({args.encryption}, {args.compression}, "
+        f"{args.hash}, blocks {args.block_size})"
+    )
+    return 0
+
+
+def _used_ranges(paths: list[Path]) -> list[Any]:
+    try:
+        import image
+    except ImportError as exc:  # image/ is optional at this layer boundary
+        raise UserError(f"--used-only needs the image package: {exc}") from exc
+    out = []
+    for path in paths:
+        src = image.FileSource(path)
+        umap = image.used_ranges(src)
+        out.append(umap.ranges)
+    return out
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    used = None
+    if args.what == "image" and args.used_only:
+        used = _used_ranges(args.paths)
+    with open_repo(args, writable=True) as repo:
+        prog = Progress(f"backup {args.source}")
+        try:
+            if args.what == "image":
+                point = ds.backup_image(
+                    repo,
+                    args.paths,
+                    source=args.source,
+                    mode=args.mode,
+                    used=used,
+                    progress=prog,
+                    label=args.label,
+                )
+            else:
+                point = ds.backup_tree(
+                    repo,
+                    args.paths[0],
+                    source=args.source,
+                    mode=args.mode,
+                    progress=prog,
+                    label=args.label,
+                )
+        finally:
+            prog.close()
+    st = point.manifest["stats"]
+    if args.json:
+        emit_json({"point": point.name, "mode": point.mode, "parent": point.parent, "stats": st})
+        return 0
+    dur = max(st.get("duration_s", 0.0), 1e-6)
+    print(
+        f"{point.name}  {point.kind} {point.mode}  logical {human_bytes(st['logical_bytes'])}"
+        f"  read {human_bytes(st['read_bytes'])}  new {human_bytes(st['stored_bytes'])} stored"
+        f"  {st['logical_bytes'] / dur / 1e6:.0f} MB/s"
+    )
+    return 0
+
+
+def _point_row(p: ds.Point) -> dict[str, Any]:
+    m = p.manifest
+    st = m.get("stats", {})
+    row: dict[str, Any] = {
+        "name": p.name,
+        "source": p.source,
+        "id": p.id,
+        "kind": p.kind,
+        "mode": p.mode,
+        "parent": p.parent,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.time_ns / 1e9)),
+        "logical_bytes": st.get("logical_bytes", 0),
+        "stored_bytes": st.get("stored_bytes", 0),
+        "locked_until": p.locked_until,
+        "label": m.get("label"),
+    }
+    if p.kind == "image":
+        row["disks"] = [{"name": d["name"], "size": d["size"]} for d in m["disks"]]
+    return row
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        rows = [_point_row(p) for p in repo.list_points(args.source)]
+    if args.json:
+        emit_json(rows)
+        return 0
+    if not rows:
+        print("no points")
+        return 0
+    print(f"{'POINT':<40} {'KIND':<6} {'MODE':<12} {'TIME':<21} {'LOGICAL':>10} {'NEW':>10}")
+    for r in rows:
+        lock = "  locked" if r["locked_until"] and r["locked_until"] > time.time() else ""
+        print(
+            f"{r['name']:<40} {r['kind']:<6} {r['mode']:<12} {r['time']:<21} "
+            f"{human_bytes(r['logical_bytes']):>10} {human_bytes(r['stored_bytes']):>10}{lock}"
+        )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    ref, _, inner = args.point.partition("/")
+    with open_repo(args) as repo:
+        point = repo.resolve(ref)
+        prog = Progress(f"restore {point.name}")
+        try:
+            if point.kind == "files":
+                n = ds.restore_tree(repo, point, args.dest, subpath=inner, progress=prog)
+                msg = f"restored {n} entries of {point.name} to {args.dest}"
+            else:
+                disk, _, fs_path = inner.partition("/")
+                if fs_path:
+                    msg = _restore_from_image(repo, point, disk, fs_path, args.dest)
+                else:
+                    out = ds.restore_image(repo, point, args.dest, disk=disk or None, progress=prog)
+                    msg = f"restored {point.name} to {', '.join(map(str, out))}"
+        finally:
+            prog.close()
+    print(msg)
+    return 0
+
+
+def _restore_from_image(
+    repo: ds.Repository, point: ds.Point, disk: str, fs_path: str, dest: Path
+) -> str:
+    """File-level restore out of a disk image: POINT/disk0/p1/path/in/fs."""
+    import image
+
+    readers = {r.name: r for r in ds.disk_readers(repo, point)}
+    if disk not in readers:
+        raise UserError(f"{point.name} has no disk {disk!r} (has {', '.join(readers)})")
+    part, _, path = fs_path.partition("/")
+    src: Any = readers[disk]
+    if part != "fs":
+        layout = image.open_disk(src)
+        parts = {p.name: p for p in layout.partitions}
+        if part not in parts:
+            raise UserError(
+                f"{point.name}/{disk} has no partition {part!r} (has {', '.join(parts) or 'none'})"
+            )
+        src = parts[part].source
+    try:
+        fs = image.open_filesystem(src)
+        node = fs.lookup("/" + path)
+        n = _copy_node(node, dest)
+    except image.ImageError as exc:
+        raise UserError(f"{point.name}/{disk}/{part}: {exc}") from exc
+    return f"restored {n} entries from {point.name}/{disk}/{part}/{path} to {dest}"
+
+
+def _copy_node(node: Any, dest: Path) -> int:
+    if node.kind == "dir":
+        dest.mkdir(parents=True, exist_ok=True)
+        n = 1
+        for child in node.listdir():
+            n += _copy_node(child, dest / child.name)
+        _meta(node, dest)
+        return n
+    if node.kind == "symlink":
+        if dest.is_symlink() or dest.exists():
+            dest.unlink()
+        os.symlink(node.readlink(), dest)
+        return 1
+    if node.kind != "file":
+        return 0
+    if dest.is_dir():
+        dest = dest / node.name
+    with open(dest, "wb") as fh:
+        pos = 0
+        while pos < node.size:
+            data = node.read(pos, min(8 << 20, node.size - pos))
+            if not data:
+                break
+            fh.write(data)
+            pos += len(data)
+    _meta(node, dest)
+    return 1
+
+
+def _meta(node: Any, dest: Path) -> None:
+    try:
+        os.chmod(dest, node.mode & 0o7777)
+        os.utime(dest, ns=(node.atime_ns, node.mtime_ns))
+        if os.geteuid() == 0:
+            os.chown(dest, node.uid, node.gid)
+    except OSError:
+        pass
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=True) as repo:
+        point = ds.synthesize(repo, args.source)
+    print(f"{point.name}  synthetic full from {point.parent}")
+    return 0
+
+
+def _overlay_protected(repo: ds.Repository) -> set[str]:
+    fn = getattr(ds, "list_overlays", None)
+    if fn is None:
+        return set()
+    out = set()
+    for ov in fn(repo):
+        base = getattr(ov, "base", None) or getattr(ov, "point", None)
+        if base:
+            out.add(str(base))
+    return out
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    keep = {
+        f"keep_{r}": getattr(args, f"keep_{r}")
+        for r in ("last", "daily", "weekly", "monthly", "yearly")
+    }
+    report: dict[str, Any] = {"kept": [], "deleted": [], "dry_run": args.dry_run}
+    with open_repo(args, writable=not args.dry_run) as repo:
+        protected = _overlay_protected(repo)
+        sources = [args.source] if args.source else repo.sources()
+        for source in sources:
+            kept, gone = ds.prune_plan(repo.list_points(source), protected=protected, **keep)
+            report["kept"] += [{"point": p.name, "reason": why} for p, why in kept]
+            for p in gone:
+                if not args.dry_run:
+                    repo.delete_point(p)
+                report["deleted"].append(p.name)
+    if args.json:
+        emit_json(report)
+    else:
+        for k in report["kept"]:
+            print(f"keep    {k['point']}  ({k['reason']})")
+        verb = "would delete" if args.dry_run else "deleted"
+        for name in report["deleted"]:
+            print(f"{verb} {name}")
+        if report["deleted"] and not args.dry_run:
+            print("run 'appliance gc' to reclaim the space")
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    until = ds.parse_until(args.until)
+    with open_repo(args, writable=True) as repo:
+        p = repo.lock_point(repo.resolve(args.point), until)
+    print(f"{p.name} locked until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=True) as repo:
+        p = repo.resolve(args.point)
+        if p.name in _overlay_protected(repo):
+            raise UserError(f"{p.name} has overlays: drop them first")
+        repo.delete_point(p)
+    print(f"deleted {p.name}; run 'appliance gc' to reclaim the space")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=True) as repo:
+        rep = ds.gc(repo, dry_run=args.dry_run)
+    if args.json:
+        emit_json(rep.as_dict())
+    else:
+        print(
+            f"live chunks {rep.live_chunks}, removed {rep.deleted_chunks} "
+            f"({human_bytes(rep.deleted_bytes)}), packs rewritten {rep.packs_rewritten}, "
+            f"deleted {rep.packs_deleted}; packs {human_bytes(rep.bytes_before)} -> "
+            f"{human_bytes(rep.bytes_after)}"
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        point = repo.resolve(args.point) if args.point else None
+        prog = Progress("verify")
+        try:
+            rep = ds.verify(repo, point, progress=prog)
+        finally:
+            prog.close()
+    if args.json:
+        emit_json(rep.as_dict())
+    else:
+        print(
+            f"checked {rep.chunks_checked} chunks ({human_bytes(rep.bytes_checked)}), "
+            f"{rep.points_checked} points"
+        )
+        for cid, err in rep.bad_chunks.items():
+            print(f"BAD chunk {cid.hex()[:16]}: {err}")
+        for name, why in rep.damaged_points.items():
+            print(f"DAMAGED {name}: {why}")
+        for note in rep.notes:
+            print(f"note: {note}")
+        print("OK" if rep.ok else "verify FAILED")
+    return 0 if rep.ok else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        st = ds.stats(repo)
+    if args.json:
+        emit_json(st)
+        return 0
+    print(f"points            {st['points']} in {len(st['sources'])} sources")
+    print(f"logical bytes     {human_bytes(st['logical_bytes'])}")
+    print(f"unique bytes      {human_bytes(st['unique_bytes'])}  (after dedup)")
+    print(f"stored bytes      {human_bytes(st['stored_bytes'])}  (packs on disk)")
+    print(f"dedup ratio       {st['dedup_ratio']:.2f}x")
+    print(f"compression ratio {st['compression_ratio']:.2f}x")
+    print(f"total ratio       {st['total_ratio']:.2f}x")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .. import _speed
+
+    results = _speed.measure()
+    if args.json:
+        emit_json(results)
+    else:
+        for name, mbs in results.items():
+            print(f"{name:<28} {mbs:10.0f} MB/s")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    with open_repo(args, writable=True) as repo:
+        prog = Progress("rebuild index")
+        try:
+            rep = ds.rebuild_index(repo, progress=prog)
+        finally:
+            prog.close()
+    if args.json:
+        emit_json(rep.as_dict())
+    else:
+        print(
+            f"rebuilt index from {rep.packs} packs: {rep.chunks} chunks, {rep.points} points"
+            f" ({rep.deleted_points} deleted points skipped)"
+        )
+        for prob in rep.problems:
+            print(f"problem: {prob}")
+    return 0

@@ -1,0 +1,131 @@
+"""dedupstore: the deduplicating block store every other package stands on.
+
+Design (see README "How the store is laid out on disk"):
+
+* Chunks are content-addressed (SHA-256 by default, BLAKE3 optional; HMAC/keyed BLAKE3 in
+  encrypted repositories), compressed per chunk when that helps (zstd, lzo, gzip) and sealed
+  with AES-256-GCM when the repository is encrypted.
+* Chunk payloads live in append-only pack files (formats.py) on a tier; the LMDB index maps
+  ids to pack locations and holds the point catalogue. Packs are self-describing, so
+  `rebuild_index` recreates the index (points included) from packs alone.
+* Image points: fixed-size blocks under a Merkle tree of index pages (_blockmap.py), so an
+  incremental point stores changed blocks and the pages above them, and is logically full.
+* File-tree points: content-defined chunks (FastCDC) plus a metadata stream (_filetree.py).
+* Crash safety: packs are sealed and fsynced before the index points into them; a point is
+  committed last. A killed writer's unsealed pack is salvaged by the next writer.
+* Locking: one writer process (flock on `lock`); any number of concurrent readers (LMDB MVCC).
+* GC: mark from every point, sweep the index, then compact packs whose live share is low.
+
+This module is the only import surface of the package.
+"""
+
+from ._codec import Keys
+from ._config import RepoConfig, parse_size
+from ._filetree import FileTree, TreeEntry, TreeStats, backup_tree, open_tree, restore_tree
+from ._imagepoint import (
+    DiskReader,
+    ImageStats,
+    backup_image,
+    disk_readers,
+    restore_image,
+    synthesize,
+)
+from ._maint import (
+    GcReport,
+    RebuildReport,
+    VerifyReport,
+    gc,
+    parse_until,
+    point_refs,
+    prune_plan,
+    rebuild_index,
+    stats,
+    verify,
+)
+from ._overlay import (
+    Overlay,
+    OverlayDisk,
+    OverlayDiskInfo,
+    OverlayInfo,
+    commit_overlay,
+    create_overlay,
+    drop_overlay,
+    list_overlays,
+    open_overlay,
+    overlay_catalogue_lock,
+    overlay_info,
+    overlays_on,
+)
+from ._repo import Point, PutResult, Repository, split_ref
+from .errors import (
+    AlreadyExists,
+    ChunkCorrupt,
+    ChunkMissing,
+    FormatError,
+    InvalidArgument,
+    Locked,
+    NotFound,
+    OutOfSpace,
+    ReadOnly,
+    StoreError,
+    WrongPassphrase,
+)
+from .formats import ZERO_ID, ChunkId, Kind
+
+__all__ = [
+    "ZERO_ID",
+    "AlreadyExists",
+    "ChunkCorrupt",
+    "ChunkId",
+    "ChunkMissing",
+    "DiskReader",
+    "FileTree",
+    "FormatError",
+    "GcReport",
+    "ImageStats",
+    "InvalidArgument",
+    "Keys",
+    "Kind",
+    "Locked",
+    "NotFound",
+    "OutOfSpace",
+    "Overlay",
+    "OverlayDisk",
+    "OverlayDiskInfo",
+    "OverlayInfo",
+    "Point",
+    "PutResult",
+    "ReadOnly",
+    "RebuildReport",
+    "RepoConfig",
+    "Repository",
+    "StoreError",
+    "TreeEntry",
+    "TreeStats",
+    "VerifyReport",
+    "WrongPassphrase",
+    "backup_image",
+    "backup_tree",
+    "commit_overlay",
+    "create_overlay",
+    "disk_readers",
+    "drop_overlay",
+    "gc",
+    "list_overlays",
+    "open_overlay",
+    "open_tree",
+    "overlay_catalogue_lock",
+    "overlay_info",
+    "overlays_on",
+    "parse_size",
+    "parse_until",
+    "point_refs",
+    "prune_plan",
+    "rebuild_index",
+    "restore_image",
+    "restore_tree",
+    "split_ref",
+    "stats",
+    "synthesize",
+    "verify",
+]

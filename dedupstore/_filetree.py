@@ -1,0 +1,682 @@
+"""File-tree points: back up a directory tree with content-defined chunks, read and restore it.
+
+Owns the item stream format and the FileTree reader. An item is a msgpack map per entry in
+depth-first, name-sorted order::
+
+    p path (relative, "" = the root)   k kind (d f l p c b s)   m st_mode   u uid   g gid
+    s size   a/t/n atime/mtime/ctime ns   x {xattr: value}   l symlink target   r rdev
+    h hard-link target path   c [[chunk id, length], ...]   e [[offset, length], ...] data
+    extents of a sparse file (absent = one extent covering the file)
+
+The item stream is cut with FastCDC into TREE chunks, so an unchanged part of a big tree
+dedups between points. Regular files are cut with FastCDC (16/64/256 KiB); a files cache
+(size, mtime, ctime, inode -> chunk list) lets an incremental skip unchanged files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from pyfastcdc.cy import FastCDC
+
+from ._imagepoint import worker_count
+from ._index import point_key
+from ._repo import Point, Repository, validate_source_name
+from .errors import ChunkCorrupt, FormatError, InvalidArgument, NotFound
+from .formats import ChunkId, Kind
+
+log = logging.getLogger(__name__)
+
+CDC_MIN, CDC_AVG, CDC_MAX = 16 * 1024, 64 * 1024, 256 * 1024
+READ_WINDOW = 8 * 1024 * 1024
+TREE_CDC = (16 * 1024, 64 * 1024, 256 * 1024)
+
+_KIND_OF_MODE = {
+    stat.S_IFDIR: "d",
+    stat.S_IFREG: "f",
+    stat.S_IFLNK: "l",
+    stat.S_IFIFO: "p",
+    stat.S_IFCHR: "c",
+    stat.S_IFBLK: "b",
+    stat.S_IFSOCK: "s",
+}
+KIND_NAMES = {
+    "d": "dir",
+    "f": "file",
+    "l": "symlink",
+    "p": "fifo",
+    "c": "chr",
+    "b": "blk",
+    "s": "sock",
+}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TreeStats:
+    files: int = 0
+    dirs: int = 0
+    others: int = 0
+    logical_bytes: int = 0
+    read_bytes: int = 0
+    cached_files: int = 0
+    new_chunks: int = 0
+    new_raw_bytes: int = 0
+    stored_bytes: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Data extents of a sparse file (SEEK_DATA/SEEK_HOLE); None when it has no holes."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no more data: trailing hole
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, min(end, size) - start))
+            pos = end
+    except OSError:
+        return None
+    if len(extents) == 1 and extents[0] == (0, size):
+        return None
+    return extents
+
+
+@dataclass
+class _Waiting:
+    """An item whose chunk ids are still being computed by workers (kept in stream order)."""
+
+    item: dict[str, Any]
+    futs: deque[Future[list[tuple[bytes, int, int, bytes | None]]]] = field(default_factory=deque)
+    chunks: list[list[Any]] = field(default_factory=list)
+    complete: bool = True
+
+
+class _TreeBackup:
+    """Walks a directory and feeds the writer; one instance per backup run."""
+
+    def __init__(
+        self, repo: Repository, root: Path, source: str, use_cache: bool, progress: Progress | None
+    ) -> None:
+        self.repo = repo
+        self.root = root
+        self.source = source
+        self.use_cache = use_cache
+        self.progress = progress
+        self.stats = TreeStats()
+        self.cdc = FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
+        self.items: list[dict[str, Any]] = []
+        self.cache: list[tuple[bytes, dict[str, Any], dict[str, Any]]] = []
+        self.root_dev = os.lstat(root).st_dev
+        self.links: dict[tuple[int, int], str] = {}
+        self.pool = ThreadPoolExecutor(worker_count(), thread_name_prefix="files")
+        self.waiting: deque[_Waiting] = deque()
+        self.inflight = 0
+        self.limit = 4 * worker_count()
+
+    # -- worker side --------------------------------------------------------------------
+    def _seal_batch(self, chunks: list[bytes]) -> list[tuple[bytes, int, int, bytes | None]]:
+        codec = self.repo.codec
+        ids = [codec.chunk_id(c) for c in chunks]
+        known = self.repo.index.has_many(ids)
+        out: list[tuple[bytes, int, int, bytes | None]] = []
+        for cid, data, k in zip(ids, chunks, known, strict=True):
+            if k:
+                out.append((cid, len(data), 0, None))
+            else:
+                c, payload = codec.seal(Kind.FILE, cid, data)
+                out.append((cid, len(data), int(c), payload))
+        return out
+
+    # -- writer side --------------------------------------------------------------------
+    def _store(self, results: list[tuple[bytes, int, int, bytes | None]]) -> list[list[Any]]:
+        for cid, raw_len, codec, payload in results:
+            if payload is not None:
+                added = self.repo.put_sealed(Kind.FILE, cid, codec, payload, raw_len)
+                if added:
+                    self.stats.new_chunks += 1
+                    self.stats.new_raw_bytes += raw_len
+                    self.stats.stored_bytes += added
+        return [[cid, raw_len] for cid, raw_len, _c, _p in results]
+
+    def _drain(self, force: bool = False) -> None:
+        """Store finished batches in order; block while too much is in flight."""
+        while self.waiting:
+            head = self.waiting[0]
+            while head.futs and (force or self.inflight > self.limit or head.futs[0].done()):
+                head.chunks.extend(self._store(head.futs.popleft().result()))
+                self.inflight -= 1
+            if head.futs or not head.complete:
+                return
+            self.waiting.popleft()
+            if head.item["k"] == "f" and "c" not in head.item:
+                head.item["c"] = head.chunks
+            self.items.append(head.item)
+
+    def run(self) -> tuple[list[dict[str, Any]], TreeStats]:
+        try:
+            self._walk(self.root, "")
+            self._drain(force=True)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return self.items, self.stats
+
+    def _walk(self, path: Path, rel: str) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            self._error(rel, exc)
+            return
+        item = self._meta(path, rel, st)
+        kind = item["k"]
+        if kind == "f":
+            self._file(path, rel, st, item)
+        else:
+            self._queue(item)
+        if kind == "d":
+            self.stats.dirs += 1
+            if rel and st.st_dev != self.root_dev:
+                return  # stay on one filesystem (like borg --one-file-system)
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as exc:
+                self._error(rel, exc)
+                return
+            for name in names:
+                self._walk(path / name, f"{rel}/{name}" if rel else name)
+        elif kind != "f":
+            self.stats.others += 1
+
+    def _queue(self, item: dict[str, Any]) -> None:
+        if not self.waiting:
+            self.items.append(item)
+        else:
+            self.waiting.append(_Waiting(item))
+            self._drain()
+
+    def _error(self, rel: str, exc: OSError) -> None:
+        self.stats.errors += 1
+        log.warning("skipping %s: %s", rel or ".", exc.strerror or exc)
+
+    def _meta(self, path: Path, rel: str, st: os.stat_result) -> dict[str, Any]:
+        kind = _KIND_OF_MODE.get(stat.S_IFMT(st.st_mode), "f")
+        item: dict[str, Any] = {
+            "p": rel,
+            "k": kind,
+            "m": st.st_mode,
+            "u": st.st_uid,
+            "g": st.st_gid,
+            "s": st.st_size if kind == "f" else 0,
+            "a": st.st_atime_ns,
+            "t": st.st_mtime_ns,
+            "n": st.st_ctime_ns,
+        }
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            names = []
+        if names:
+            xattrs = {}
+            for name in names:
+                try:
+                    xattrs[name] = os.getxattr(path, name, follow_symlinks=False)
+                except OSError:
+                    continue
+            item["x"] = xattrs
+        if kind == "l":
+            item["l"] = os.readlink(path)
+        elif kind in "cb":
+            item["r"] = st.st_rdev
+        if kind != "d" and st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            first = self.links.get(key)
+            if first is not None:
+                item["h"] = first
+            else:
+                self.links[key] = rel
+        return item
+
+    def _file(self, path: Path, rel: str, st: os.stat_result, item: dict[str, Any]) -> None:
+        self.stats.files += 1
+        self.stats.logical_bytes += st.st_size
+        if "h" in item:  # hard link to an entry already stored
+            self._queue(item)
+            return
+        ckey = point_key(self.source, rel)
+        sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        if self.use_cache:
+            cached = self.repo.index.files_get(self.source, rel)
+            if cached is not None and cached.get("sig") == sig:
+                ids = [bytes(c[0]) for c in cached["c"]]
+                if all(self.repo.index.has_many(ids)):
+                    item["c"] = cached["c"]
+                    if cached.get("e") is not None:
+                        item["e"] = cached["e"]
+                    self.stats.cached_files += 1
+                    self.cache.append((ckey, {"sig": sig, "e": cached.get("e")}, item))
+                    self._queue(item)
+                    return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOATIME)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            self._error(rel, exc)
+            item["c"] = []
+            item["err"] = str(exc)
+            self._queue(item)
+            return
+        waiting = _Waiting(item, complete=False)
+        self.waiting.append(waiting)
+        try:
+            extents = None
+            if st.st_blocks * 512 < st.st_size:
+                extents = _data_extents(fd, st.st_size)
+            if extents is not None:
+                item["e"] = [list(e) for e in extents]
+            self._chunk_file(fd, extents or [(0, st.st_size)], waiting)
+        finally:
+            os.close(fd)
+            waiting.complete = True
+        self.cache.append((ckey, {"sig": sig, "e": item.get("e")}, item))
+        self._drain()
+        if self.progress:
+            self.progress(self.stats.read_bytes, 0)
+
+    def _submit(self, batch: list[bytes], waiting: _Waiting) -> None:
+        waiting.futs.append(self.pool.submit(self._seal_batch, batch))
+        self.inflight += 1
+        if self.inflight > self.limit:
+            self._drain()
+
+    def _chunk_file(self, fd: int, extents: list[tuple[int, int]], waiting: _Waiting) -> None:
+        """Cut the file's data extents (as one stream) with FastCDC and submit batches."""
+        batch: list[bytes] = []
+        batch_bytes = 0
+        leftover = b""
+        total = sum(n for _o, n in extents)
+        consumed = 0
+        for start, length in extents:
+            pos, end = start, start + length
+            while pos < end:
+                data = os.pread(fd, min(READ_WINDOW, end - pos), pos)
+                if not data:
+                    break  # file shrank while we read it
+                pos += len(data)
+                consumed += len(data)
+                self.stats.read_bytes += len(data)
+                buf = leftover + data if leftover else data
+                view = memoryview(buf)
+                cuts = list(self.cdc.cut_buf(view))
+                if consumed < total and cuts:
+                    # the last cut of a window is not a real boundary: carry it over
+                    leftover = bytes(view[cuts[-1].offset :])
+                    cuts = cuts[:-1]
+                else:
+                    leftover = b""
+                for c in cuts:
+                    batch.append(bytes(view[c.offset : c.offset + c.length]))
+                    batch_bytes += c.length
+                    if batch_bytes >= 4 * 1024 * 1024:
+                        self._submit(batch, waiting)
+                        batch, batch_bytes = [], 0
+        if leftover:
+            batch.append(leftover)
+        if batch:
+            self._submit(batch, waiting)
+
+
+def backup_tree(
+    repo: Repository,
+    root: Path,
+    *,
+    source: str,
+    mode: str = "incremental",
+    progress: Progress | None = None,
+    label: str | None = None,
+) -> Point:
+    """Back up directory `root` as a file-tree point. Writer only."""
+    validate_source_name(source)
+    root = Path(root)
+    if not root.is_dir():
+        raise NotFound(f"{root}: not a directory")
+    if mode not in ("full", "incremental", "differential"):
+        raise InvalidArgument(f"unknown mode {mode!r} (full, incremental, differential)")
+    earlier = [p for p in repo.list_points(source) if p.kind == "files"]
+    if mode == "differential":
+        earlier = [p for p in earlier if p.mode in ("full", "synthetic")]
+    base = earlier[-1] if earlier and mode != "full" else None
+    started = time.time()
+    tb = _TreeBackup(repo, root, source, use_cache=base is not None, progress=progress)
+    items, stats = tb.run()
+    tree_ids = _store_items(repo, items, stats)
+    files_cache: list[tuple[bytes, dict[str, Any] | None]] = [
+        (k, {**rec, "c": item["c"]}) for k, rec, item in tb.cache if "err" not in item
+    ]
+    now = time.time_ns()
+    manifest: dict[str, Any] = {
+        "v": 1,
+        "kind": "files",
+        "source": source,
+        "id": repo.new_point_id(source, now),
+        "time_ns": now,
+        "mode": mode if base is not None else "full",
+        "parent": base.id if base is not None else None,
+        "tree": tree_ids,
+        "root_path": str(root.resolve()),
+        "entries": len(items),
+        "label": label,
+        "stats": {**stats.as_dict(), "duration_s": round(time.time() - started, 3)},
+    }
+    return repo.commit_point(manifest, files=files_cache)
+
+
+def _store_items(repo: Repository, items: list[dict[str, Any]], stats: TreeStats) -> list[bytes]:
+    stream = b"".join(msgpack.packb(i) for i in items)
+    cdc = FastCDC(TREE_CDC[1], min_size=TREE_CDC[0], max_size=TREE_CDC[2])
+    ids: list[bytes] = []
+    view = memoryview(stream)
+    for c in cdc.cut_buf(view) if stream else []:
+        res = repo.put(Kind.TREE, bytes(view[c.offset : c.offset + c.length]))
+        if not res.duplicate:
+            stats.stored_bytes += res.stored_bytes
+        ids.append(res.chunk_id)
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One entry of a file-tree point (what a FUSE layer or a restore needs)."""
+
+    path: str
+    name: str
+    kind: str  # dir, file, symlink, fifo, chr, blk, sock
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    ino: int
+    target: str | None
+    rdev: int
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _FileData:
+    chunks: list[tuple[ChunkId, int]]
+    starts: list[int]  # data-stream offset of each chunk
+    extents: list[tuple[int, int]]  # (file offset, length) of data; the rest are holes
+
+
+class FileTree:
+    """A file-tree point loaded for browsing and reading. Thread-safe."""
+
+    def __init__(self, repo: Repository, point: Point) -> None:
+        if point.kind != "files":
+            raise InvalidArgument(f"{point.name} is a {point.kind} point, not a file tree")
+        self.repo = repo
+        self.point = point
+        self._entries: dict[str, TreeEntry] = {}
+        self._children: dict[str, list[str]] = {}
+        self._data: dict[int, _FileData] = {}
+        self._chunk_cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * 1024 * 1024)
+        raw_items: list[dict[str, Any]] = []
+        for cid in self.point.manifest.get("tree", []):
+            unpacker.feed(self.repo.get(bytes(cid)))
+            for obj in unpacker:
+                if not isinstance(obj, dict) or "p" not in obj:
+                    raise FormatError(f"{self.point.name}: bad item in tree stream")
+                raw_items.append(obj)
+        by_path = {it["p"]: it for it in raw_items}
+        ino_of: dict[str, int] = {}
+        nlinks: dict[int, int] = {}
+        for n, it in enumerate(raw_items, start=1):
+            ino = ino_of.get(it["h"], n) if "h" in it else n
+            ino_of[it["p"]] = ino
+            nlinks[ino] = nlinks.get(ino, 0) + 1
+        for it in raw_items:
+            path = it["p"]
+            ino = ino_of[path]
+            src = by_path.get(it["h"], it) if "h" in it else it
+            kind = KIND_NAMES.get(it["k"], "file")
+            entry = TreeEntry(
+                path=path,
+                name=path.rsplit("/", 1)[-1],
+                kind=kind,
+                mode=it["m"],
+                uid=it["u"],
+                gid=it["g"],
+                size=src.get("s", 0),
+                atime_ns=it["a"],
+                mtime_ns=it["t"],
+                ctime_ns=it["n"],
+                nlink=nlinks[ino] if kind != "dir" else 2,
+                ino=ino,
+                target=it.get("l"),
+                rdev=it.get("r", 0),
+                xattrs={str(k): bytes(v) for k, v in (it.get("x") or {}).items()},
+            )
+            self._entries[path] = entry
+            if path:
+                parent = path.rsplit("/", 1)[0] if "/" in path else ""
+                self._children.setdefault(parent, []).append(path)
+            if kind == "file" and ino not in self._data and "c" in src:
+                chunks = [(ChunkId(bytes(c[0])), int(c[1])) for c in src["c"]]
+                starts, pos = [], 0
+                for _cid, n in chunks:
+                    starts.append(pos)
+                    pos += n
+                ext = (
+                    [(int(a), int(b)) for a, b in src["e"]]
+                    if src.get("e") is not None
+                    else [(0, src.get("s", 0))]
+                )
+                self._data[ino] = _FileData(chunks, starts, ext)
+        if "" not in self._entries:
+            raise FormatError(f"{self.point.name}: tree has no root entry")
+
+    @property
+    def root(self) -> TreeEntry:
+        return self._entries[""]
+
+    def lookup(self, path: str) -> TreeEntry:
+        entry = self._entries.get(path.strip("/"))
+        if entry is None:
+            raise NotFound(f"{self.point.name}: no such path {path!r}")
+        return entry
+
+    def children(self, path: str) -> list[TreeEntry]:
+        entry = self.lookup(path)
+        if entry.kind != "dir":
+            raise InvalidArgument(f"{path!r} is not a directory")
+        return [self._entries[p] for p in self._children.get(entry.path, [])]
+
+    def walk(self) -> Iterator[TreeEntry]:
+        """Every entry, parents before children."""
+        yield from self._entries.values()
+
+    def _chunk(self, cid: ChunkId) -> bytes:
+        with self._lock:
+            data = self._chunk_cache.get(cid)
+            if data is not None:
+                self._chunk_cache.move_to_end(cid)
+                return data
+        data = self.repo.get(cid)
+        with self._lock:
+            self._chunk_cache[cid] = data
+            while len(self._chunk_cache) > 64:
+                self._chunk_cache.popitem(last=False)
+        return data
+
+    def _stream_read(self, fd: _FileData, pos: int, length: int) -> bytes:
+        """Bytes [pos, pos+length) of the file's data stream (extents concatenated)."""
+        out = []
+        i = max(0, bisect.bisect_right(fd.starts, pos) - 1)
+        while length > 0 and i < len(fd.chunks):
+            cid, n = fd.chunks[i]
+            data = self._chunk(cid)
+            if len(data) != n:
+                raise ChunkCorrupt(f"chunk {cid.hex()[:16]} has {len(data)} bytes, expected {n}")
+            start = pos - fd.starts[i]
+            piece = data[start : start + length]
+            out.append(piece)
+            pos += len(piece)
+            length -= len(piece)
+            i += 1
+        return b"".join(out)
+
+    def read(self, entry: TreeEntry, offset: int, length: int) -> bytes:
+        if entry.kind != "file":
+            raise InvalidArgument(f"{entry.path!r} is not a regular file")
+        fdata = self._data.get(entry.ino)
+        end = min(entry.size, offset + length)
+        if fdata is None or offset >= end:
+            return b""
+        out = bytearray(end - offset)
+        stream_pos = 0
+        for ext_off, ext_len in fdata.extents:
+            lo, hi = max(offset, ext_off), min(end, ext_off + ext_len)
+            if lo < hi:
+                piece = self._stream_read(fdata, stream_pos + (lo - ext_off), hi - lo)
+                out[lo - offset : lo - offset + len(piece)] = piece
+            stream_pos += ext_len
+        return bytes(out)
+
+    def data_extents(self, entry: TreeEntry) -> list[tuple[int, int]]:
+        fdata = self._data.get(entry.ino)
+        return [] if fdata is None else list(fdata.extents)
+
+    def chunk_ids(self) -> Iterator[ChunkId]:
+        for fd in self._data.values():
+            for cid, _n in fd.chunks:
+                yield cid
+
+
+def open_tree(repo: Repository, point: Point) -> FileTree:
+    return FileTree(repo, point)
+
+
+def restore_tree(
+    repo: Repository,
+    point: Point,
+    dest: Path,
+    *,
+    subpath: str = "",
+    progress: Progress | None = None,
+) -> int:
+    """Restore a file-tree point (or one path of it) into directory `dest`. Returns entries."""
+    tree = FileTree(repo, point)
+    top = tree.lookup(subpath)
+    dest = Path(dest)
+    is_root = os.geteuid() == 0
+    prefix = top.path
+    if top.kind == "dir":
+        dest.mkdir(parents=True, exist_ok=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    entries = [
+        e for e in tree.walk() if e.path == prefix or not prefix or e.path.startswith(prefix + "/")
+    ]
+    first_path: dict[int, Path] = {}
+    dirs: list[tuple[Path, TreeEntry]] = []
+    total = sum(e.size for e in entries if e.kind == "file")
+    done = 0
+    for e in entries:
+        rel = e.path[len(prefix) :].lstrip("/") if prefix else e.path
+        target = dest / rel if rel else dest
+        if top.kind != "dir" and e.path == prefix:
+            target = dest
+        if e.kind == "dir":
+            target.mkdir(exist_ok=True)
+            dirs.append((target, e))
+            continue
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        if e.ino in first_path and e.kind != "dir":
+            os.link(first_path[e.ino], target)
+            continue
+        if e.kind == "file":
+            _restore_file(tree, e, target)
+            done += e.size
+            if progress:
+                progress(done, total)
+        elif e.kind == "symlink":
+            os.symlink(e.target or "", target)
+        elif e.kind == "fifo":
+            os.mkfifo(target, stat.S_IMODE(e.mode))
+        elif e.kind in ("chr", "blk") and is_root:
+            os.mknod(target, e.mode, e.rdev)
+        else:
+            log.info("not restoring %s %s", e.kind, e.path)
+            continue
+        first_path[e.ino] = target
+        _apply_meta(target, e, is_root)
+    for target, e in reversed(dirs):
+        _apply_meta(target, e, is_root)
+    return len(entries)
+
+
+def _restore_file(tree: FileTree, e: TreeEntry, target: Path) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, e.size)
+        for off, length in tree.data_extents(e):
+            pos = off
+            while pos < off + length:
+                n = min(8 * 1024 * 1024, off + length - pos)
+                data = tree.read(e, pos, n)
+                os.pwrite(fd, data, pos)
+                pos += n
+    finally:
+        os.close(fd)
+
+
+def _apply_meta(target: Path, e: TreeEntry, is_root: bool) -> None:
+    for name, value in e.xattrs.items():
+        try:
+            os.setxattr(target, name, value, follow_symlinks=False)
+        except OSError as exc:
+            log.info("cannot set xattr %s on %s: %s", name, target, exc)
+    if is_root:
+        try:
+            os.chown(target, e.uid, e.gid, follow_symlinks=False)
+        except OSError as exc:
+            log.info("cannot chown %s: %s", target, exc)
+    if e.kind != "symlink":
+        os.chmod(target, stat.S_IMODE(e.mode))
+    try:
+        os.utime(target, ns=(e.atime_ns, e.mtime_ns), follow_symlinks=False)
+    except OSError as exc:
+        log.info("cannot set times on %s: %s", target, exc)

@@ -1,0 +1,538 @@
+"""Image points: backing up disks/image files as fixed-size blocks, reading and restoring them.
+
+Owns the ingest pipeline (read -> fingerprint -> hash -> dedup -> compress/encrypt on worker
+threads -> ordered pack appends on the writer thread), `DiskReader` (random access to one
+disk of a point, the ByteSource every front-end reads through) and image restore.
+
+Change detection: each leaf entry keeps an xxh3-128 fingerprint of its block. An incremental
+or differential point hashes a block with the (slow) content hash only when its fingerprint
+differs from the base point's entry for the same block; unchanged blocks reuse the base's id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from ._blockmap import BlockMap, BlockMapBuilder
+from ._repo import Point, Repository, validate_source_name
+from .errors import InvalidArgument, NotFound, StoreError
+from .formats import ZERO_FP, ZERO_ID, ChunkId, Kind
+
+log = logging.getLogger(__name__)
+
+BATCH_BLOCKS = 64
+Progress = Callable[[int, int], None]
+"""progress(done_bytes, total_bytes)"""
+
+Ranges = Sequence[tuple[int, int]]
+
+
+def _device_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def worker_count() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class ImageStats:
+    logical_bytes: int = 0
+    read_bytes: int = 0
+    zero_blocks: int = 0
+    reused_blocks: int = 0
+    hashed_blocks: int = 0
+    new_chunks: int = 0
+    new_raw_bytes: int = 0
+    stored_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockResult:
+    cid: bytes
+    fp: bytes
+    codec: int
+    payload: bytes | None
+    raw_len: int
+    reused: bool
+
+
+def _used_mask(ranges: Ranges | None, n_blocks: int, block_size: int) -> bytearray | None:
+    if ranges is None:
+        return None
+    mask = bytearray(n_blocks)
+    for off, length in ranges:
+        if length <= 0:
+            continue
+        first = off // block_size
+        last = min(n_blocks, (off + length + block_size - 1) // block_size)
+        mask[first:last] = b"\x01" * max(0, last - first)
+    return mask
+
+
+class _Ingest:
+    """Backs up one disk into a block map. Runs on the writer thread; uses a worker pool."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        pool: ThreadPoolExecutor,
+        stats: ImageStats,
+        progress: Progress | None,
+        total: int,
+        done_before: int,
+    ) -> None:
+        self.repo = repo
+        self.pool = pool
+        self.stats = stats
+        self.progress = progress
+        self.total = total
+        self.done_before = done_before
+        self.bs = repo.block_size
+        self.zero_block = bytes(self.bs)
+
+    def _work(
+        self, data: bytes, prev: list[tuple[bytes, bytes]] | None, used: bytes | None
+    ) -> list[_BlockResult]:
+        """Worker thread: fingerprint, hash, dedup-check, seal one batch of blocks."""
+        bs = self.bs
+        codec = self.repo.codec
+        out: list[_BlockResult | None] = []
+        todo: list[tuple[int, bytes, bytes]] = []
+        view = memoryview(data)
+        for i in range(0, len(data), bs):
+            blk = view[i : i + bs]
+            k = i // bs
+            if (used is not None and not used[k]) or blk == self.zero_block[: len(blk)]:
+                out.append(_BlockResult(ZERO_ID, ZERO_FP, 0, None, len(blk), False))
+                continue
+            fp = xxhash.xxh3_128_digest(blk)
+            if prev is not None and k < len(prev) and prev[k][1] == fp and prev[k][0] != ZERO_ID:
+                out.append(_BlockResult(prev[k][0], fp, 0, None, len(blk), True))
+                continue
+            cid = codec.chunk_id(blk)
+            out.append(None)
+            todo.append((len(out) - 1, cid, fp))
+        if todo:
+            known = self.repo.index.has_many([c for _i, c, _f in todo])
+            for (pos, cid, fp), is_known in zip(todo, known, strict=True):
+                blk = view[pos * bs : pos * bs + bs]
+                if is_known:
+                    out[pos] = _BlockResult(cid, fp, 0, None, len(blk), False)
+                else:
+                    c, payload = codec.seal(Kind.BLOCK, ChunkId(cid), bytes(blk))
+                    out[pos] = _BlockResult(cid, fp, int(c), payload, len(blk), False)
+        return [r for r in out if r is not None]
+
+    def run(
+        self, path: Path, base: BlockMap | None, used: Ranges | None
+    ) -> tuple[int, ChunkId, int, int]:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = _device_size(fd)
+            bs = self.bs
+            n_blocks = (size + bs - 1) // bs
+            mask = _used_mask(used, n_blocks, bs)
+            builder = BlockMapBuilder(n_blocks, self._put_page)
+            base_iter: Iterator[tuple[ChunkId, bytes]] | None = None
+            if base is not None:
+                base_iter = base.entries(0, min(base.n_blocks, n_blocks))
+            inflight: deque[Future[list[_BlockResult]]] = deque()
+            window = 3 * worker_count()
+            done = 0
+            for first in range(0, n_blocks, BATCH_BLOCKS):
+                count = min(BATCH_BLOCKS, n_blocks - first)
+                bmask = None if mask is None else bytes(mask[first : first + count])
+                if bmask is not None and not any(bmask):
+                    data = b""
+                    results = [
+                        _BlockResult(
+                            ZERO_ID, ZERO_FP, 0, None, min(bs, size - (first + j) * bs), False
+                        )
+                        for j in range(count)
+                    ]
+                    if base_iter is not None:
+                        for _ in range(count):
+                            next(base_iter, None)
+                    fut: Future[list[_BlockResult]] = Future()
+                    fut.set_result(results)
+                    inflight.append(fut)
+                else:
+                    offset = first * bs
+                    want = min(count * bs, size - offset)
+                    data = _read_full(fd, want, offset, bmask, bs)
+                    self.stats.read_bytes += want if bmask is None else sum(bmask) * bs
+                    prev = None
+                    if base_iter is not None:
+                        prev = [e for _, e in zip(range(count), base_iter, strict=False)]
+                    inflight.append(self.pool.submit(self._work, data, prev, bmask))
+                while len(inflight) >= window or (inflight and inflight[0].done()):
+                    done += self._consume(inflight.popleft().result(), builder)
+                    self._report(done)
+            while inflight:
+                done += self._consume(inflight.popleft().result(), builder)
+                self._report(done)
+            root = builder.finish()
+            self.stats.logical_bytes += size
+            return size, root, builder.depth, n_blocks
+        finally:
+            os.close(fd)
+
+    def _report(self, done: int) -> None:
+        if self.progress is not None:
+            self.progress(self.done_before + done, self.total)
+
+    def _consume(self, results: list[_BlockResult], builder: BlockMapBuilder) -> int:
+        s = self.stats
+        n = 0
+        for r in results:
+            n += r.raw_len
+            if r.cid == ZERO_ID:
+                s.zero_blocks += 1
+            elif r.reused:
+                s.reused_blocks += 1
+            else:
+                s.hashed_blocks += 1
+                if r.payload is not None:
+                    added = self.repo.put_sealed(Kind.BLOCK, r.cid, r.codec, r.payload, r.raw_len)
+                    if added:
+                        s.new_chunks += 1
+                        s.new_raw_bytes += r.raw_len
+                        s.stored_bytes += added
+            builder.add(r.cid, r.fp)
+        return n
+
+    def _put_page(self, page: bytes) -> ChunkId:
+        res = self.repo.put(Kind.PAGE, page)
+        if not res.duplicate:
+            self.stats.stored_bytes += res.stored_bytes
+        return res.chunk_id
+
+
+def _read_full(fd: int, length: int, offset: int, mask: bytes | None, bs: int) -> bytes:
+    """Read `length` bytes at `offset`; with a mask, unused blocks are left as zeros."""
+    if mask is None or all(mask):
+        data = os.pread(fd, length, offset)
+        if len(data) < length:  # a file that shrank under us: treat the tail as zeros
+            data += bytes(length - len(data))
+        return data
+    buf = bytearray(length)
+    for k, used in enumerate(mask):
+        if used:
+            start = k * bs
+            chunk = os.pread(fd, min(bs, length - start), offset + start)
+            buf[start : start + len(chunk)] = chunk
+    return bytes(buf)
+
+
+def choose_base(repo: Repository, source: str, mode: str) -> Point | None:
+    """The point an incremental (latest) or differential (latest full) compares with."""
+    if mode == "full":
+        return None
+    points = [p for p in repo.list_points(source) if p.kind == "image"]
+    if mode == "differential":
+        points = [p for p in points if p.mode in ("full", "synthetic")]
+    elif mode != "incremental":
+        raise InvalidArgument(f"unknown mode {mode!r} (full, incremental, differential)")
+    return points[-1] if points else None
+
+
+def block_map(repo: Repository, disk: dict[str, Any]) -> BlockMap:
+    n_blocks = (int(disk["size"]) + int(disk["block_size"]) - 1) // int(disk["block_size"])
+    return BlockMap(
+        ChunkId(bytes(disk["root"])), int(disk["depth"]), n_blocks, lambda cid: repo.get(cid)
+    )
+
+
+def backup_image(
+    repo: Repository,
+    paths: Sequence[Path],
+    *,
+    source: str,
+    mode: str = "incremental",
+    used: Sequence[Ranges | None] | None = None,
+    progress: Progress | None = None,
+    label: str | None = None,
+) -> Point:
+    """Back up disks (image files or block devices) as one point `source@<new id>`.
+
+    `used[i]` optionally restricts disk i to byte ranges (everything else is stored as
+    zeros: the used-blocks backup). Writer only. Raises StoreError / OSError.
+    """
+    validate_source_name(source)
+    if not paths:
+        raise InvalidArgument("no disks given")
+    base = choose_base(repo, source, mode)
+    if mode != "full" and base is None:
+        log.info("no earlier point of %s to compare with: taking a full point", source)
+    started = time.time()
+    sizes = []
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"{p}: no such file or device") from None
+        try:
+            sizes.append(_device_size(fd))
+        finally:
+            os.close(fd)
+    total = sum(sizes)
+    stats = ImageStats()
+    disks: list[dict[str, Any]] = []
+    base_disks = {d["name"]: d for d in base.manifest["disks"]} if base else {}
+    with ThreadPoolExecutor(worker_count(), thread_name_prefix="ingest") as pool:
+        ingest = _Ingest(repo, pool, stats, progress, total, 0)
+        for i, path in enumerate(paths):
+            name = f"disk{i}"
+            bdisk = base_disks.get(name)
+            bmap = None
+            if bdisk is not None and int(bdisk["block_size"]) == repo.block_size:
+                bmap = block_map(repo, bdisk)
+            ingest.done_before = sum(sizes[:i])
+            size, root, depth, _n = ingest.run(Path(path), bmap, used[i] if used else None)
+            disks.append(
+                {
+                    "name": name,
+                    "size": size,
+                    "block_size": repo.block_size,
+                    "root": root,
+                    "depth": depth,
+                    "path": str(path),
+                }
+            )
+    now = time.time_ns()
+    manifest: dict[str, Any] = {
+        "v": 1,
+        "kind": "image",
+        "source": source,
+        "id": repo.new_point_id(source, now),
+        "time_ns": now,
+        "mode": mode if base is not None else "full",
+        "parent": base.id if base is not None else None,
+        "disks": disks,
+        "used_only": used is not None,
+        "host": socket.gethostname(),
+        "label": label,
+        "stats": {**stats.as_dict(), "duration_s": round(time.time() - started, 3)},
+    }
+    return repo.commit_point(manifest)
+
+
+def synthesize(repo: Repository, source: str) -> Point:
+    """A new full point from the latest of a chain: copies the block-map roots (free)."""
+    latest = repo.resolve(f"{source}@latest")
+    now = time.time_ns()
+    manifest = dict(latest.manifest)
+    manifest.update(
+        {
+            "id": repo.new_point_id(source, now),
+            "time_ns": now,
+            "mode": "synthetic",
+            "parent": latest.id,
+            "stats": {
+                "logical_bytes": latest.manifest.get("stats", {}).get("logical_bytes", 0),
+                "stored_bytes": 0,
+                "synthesized_from": latest.id,
+            },
+        }
+    )
+    return repo.commit_point(manifest)
+
+
+class DiskReader:
+    """Random access to one disk of an image point: the store's ByteSource.
+
+    Thread-safe. Reads decompress whole blocks and keep the most recent ones in an LRU,
+    so 4 KiB or 128 KiB reads do not decompress the same block again. Raises ChunkMissing /
+    ChunkCorrupt for damaged blocks; never returns wrong data.
+    """
+
+    def __init__(self, repo: Repository, disk: dict[str, Any], cache_blocks: int = 256) -> None:
+        self.repo = repo
+        self.name = str(disk["name"])
+        self.size = int(disk["size"])
+        self.block_size = int(disk["block_size"])
+        self.map = block_map(repo, disk)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_blocks = cache_blocks
+        self._lock = threading.Lock()
+
+    def size_bytes(self) -> int:
+        return self.size
+
+    def block(self, index: int) -> bytes:
+        """Block `index` (short at the end of the disk)."""
+        with self._lock:
+            data = self._cache.get(index)
+            if data is not None:
+                self._cache.move_to_end(index)
+                return data
+        cid, _fp = self.map.entry(index)
+        length = min(self.block_size, self.size - index * self.block_size)
+        data = bytes(length) if cid == ZERO_ID else self.repo.get(cid)
+        if len(data) != length:
+            raise StoreError(
+                f"block {index} of {self.name} has {len(data)} bytes, expected {length}"
+            )
+        with self._lock:
+            self._cache[index] = data
+            while len(self._cache) > self._cache_blocks:
+                self._cache.popitem(last=False)
+        return data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        parts = []
+        pos = offset
+        while pos < end:
+            b = pos // bs
+            blk = self.block(b)
+            start = pos - b * bs
+            take = min(end - pos, len(blk) - start)
+            parts.append(blk[start : start + take])
+            pos += take
+        return b"".join(parts) if len(parts) > 1 else parts[0]
+
+    def extents(
+        self, offset: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, int, bool]]:
+        """Runs of (offset, length, is_zero) covering [offset, offset+length)."""
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return
+        bs = self.block_size
+        first, last = offset // bs, (end + bs - 1) // bs
+        run_start, run_zero = offset, None
+        pos = first * bs
+        for cid, _fp in self.map.entries(first, last):
+            z = cid == ZERO_ID
+            if run_zero is None:
+                run_zero = z
+            elif z != run_zero:
+                yield run_start, pos - run_start, run_zero
+                run_start, run_zero = pos, z
+            pos += bs
+        if run_zero is not None:
+            yield run_start, end - run_start, run_zero
+
+
+def disk_readers(repo: Repository, point: Point) -> list[DiskReader]:
+    if point.kind != "image":
+        raise InvalidArgument(f"{point.name} is a {point.kind} point, not an image")
+    return [DiskReader(repo, d) for d in point.manifest["disks"]]
+
+
+def restore_image(
+    repo: Repository,
+    point: Point,
+    dest: Path,
+    *,
+    disk: str | None = None,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Write a point's disks to `dest` (a file or device for one disk, else a directory)."""
+    readers = disk_readers(repo, point)
+    if disk is not None:
+        readers = [r for r in readers if r.name == disk]
+        if not readers:
+            raise NotFound(f"{point.name} has no disk {disk}")
+    targets: list[Path]
+    if len(readers) == 1 and not dest.is_dir():
+        targets = [dest]
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        targets = [dest / f"{r.name}.img" for r in readers]
+    total = sum(r.size for r in readers)
+    done = 0
+    for reader, target in zip(readers, targets, strict=True):
+        done = _restore_disk(reader, target, progress, done, total)
+    return targets
+
+
+def _restore_disk(
+    reader: DiskReader, target: Path, progress: Progress | None, done: int, total: int
+) -> int:
+    is_dev = target.exists() and stat.S_ISBLK(target.stat().st_mode)
+    flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_dev else os.O_CREAT | os.O_TRUNC)
+    fd = os.open(target, flags, 0o644)
+    repo = reader.repo
+    bs = reader.block_size
+    try:
+        if not is_dev:
+            os.ftruncate(fd, reader.size)
+        else:
+            dev_size = _device_size(fd)
+            if dev_size < reader.size:
+                raise InvalidArgument(
+                    f"{target} holds {dev_size} bytes; the disk needs {reader.size}"
+                )
+        zero = bytes(bs)
+
+        def work(first: int, entries: list[tuple[ChunkId, bytes]]) -> int:
+            last_cid: bytes | None = None
+            last_data = b""
+            written = 0
+            for j, (cid, _fp) in enumerate(entries):
+                off = (first + j) * bs
+                length = min(bs, reader.size - off)
+                if cid == ZERO_ID:
+                    if is_dev:
+                        os.pwrite(fd, zero[:length], off)
+                    written += length
+                    continue
+                if cid != last_cid:
+                    last_data = repo.get(cid)
+                    last_cid = cid
+                os.pwrite(fd, last_data, off)
+                written += length
+            return written
+
+        with ThreadPoolExecutor(worker_count(), thread_name_prefix="restore") as pool:
+            futs: deque[Future[int]] = deque()
+            batch: list[tuple[ChunkId, bytes]] = []
+            first = 0
+            for i, entry in enumerate(reader.map.entries()):
+                if not batch:
+                    first = i
+                batch.append(entry)
+                if len(batch) == BATCH_BLOCKS:
+                    futs.append(pool.submit(work, first, batch))
+                    batch = []
+                while len(futs) > 4 * worker_count() or (futs and futs[0].done()):
+                    done += futs.popleft().result()
+                    if progress:
+                        progress(done, total)
+            if batch:
+                futs.append(pool.submit(work, first, batch))
+            while futs:
+                done += futs.popleft().result()
+                if progress:
+                    progress(done, total)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return done

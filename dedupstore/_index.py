@@ -1,0 +1,185 @@
+"""The LMDB index and catalogue: chunk locations, packs, points, caches.
+
+Owns the LMDB environment and the meaning of each sub-database. Every transaction begins
+and ends inside one method call (never held across an await or a callback).
+
+    chunks   chunk id (32 B)            -> CHUNK_LOC (pack id, offset, lengths, kind, codec)
+    packs    pack id (8 B big-endian)   -> msgpack {tier, size, sealed}
+    points   b"<source>\\0<point id>"     -> msgpack {c: manifest chunk id, m: sealed manifest,
+                                                     codec, raw, lock: until (unix s) | None}
+    meta     name                       -> value (next pack id, pending pack deletions)
+    files    b"<source>\\0<path>"         -> msgpack files-cache record (size, mtime, inode, chunks)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from .formats import CHUNK_LOC, ChunkId
+
+MAP_SIZE = 1 << 40  # virtual; the file grows only as needed
+_U64 = struct.Struct(">Q")
+
+
+def pack_key(pack_id: int) -> bytes:
+    return _U64.pack(pack_id)
+
+
+def point_key(source: str, point_id: str) -> bytes:
+    return source.encode() + b"\0" + point_id.encode()
+
+
+Loc = tuple[int, int, int, int, int, int]  # pack id, offset, stored_len, raw_len, kind, codec
+
+
+class Index:
+    """Thin typed layer over the LMDB environment. Thread-safe (py-lmdb, MDB_NOTLS)."""
+
+    def __init__(self, path: Path, *, readonly: bool) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(path),
+            map_size=MAP_SIZE,
+            max_dbs=8,
+            subdir=True,
+            readonly=False,  # readers still need the lock table; writes are gated above
+            lock=True,
+            readahead=False,
+            max_readers=1024,
+        )
+        self.readonly = readonly
+        self.chunks = self.env.open_db(b"chunks")
+        self.packs = self.env.open_db(b"packs")
+        self.points = self.env.open_db(b"points")
+        self.meta = self.env.open_db(b"meta")
+        self.files = self.env.open_db(b"files")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- chunks -------------------------------------------------------------------------
+    def lookup(self, cid: bytes) -> Loc | None:
+        with self.env.begin(db=self.chunks) as txn:
+            raw = txn.get(cid)
+        return None if raw is None else CHUNK_LOC.unpack(raw)
+
+    def has_many(self, cids: Iterable[bytes]) -> list[bool]:
+        with self.env.begin(db=self.chunks) as txn:
+            return [txn.get(c) is not None for c in cids]
+
+    def iter_chunks(self) -> Iterator[tuple[ChunkId, Loc]]:
+        """Snapshot iteration in one read txn (materialised in slices to keep it short)."""
+        last: bytes | None = None
+        while True:
+            batch: list[tuple[ChunkId, Loc]] = []
+            with self.env.begin(db=self.chunks) as txn:
+                cur = txn.cursor()
+                ok = cur.set_range(last) if last is not None else cur.first()
+                if ok and last is not None and cur.key() == last:
+                    ok = cur.next()
+                while ok and len(batch) < 50_000:
+                    batch.append((ChunkId(bytes(cur.key())), CHUNK_LOC.unpack(cur.value())))
+                    ok = cur.next()
+            if not batch:
+                return
+            yield from batch
+            last = batch[-1][0]
+
+    def chunk_count(self) -> int:
+        with self.env.begin(db=self.chunks) as txn:
+            return int(txn.stat(self.chunks)["entries"])
+
+    # -- packs --------------------------------------------------------------------------
+    def pack_info(self, pack_id: int) -> dict[str, Any] | None:
+        with self.env.begin(db=self.packs) as txn:
+            raw = txn.get(pack_key(pack_id))
+        return None if raw is None else msgpack.unpackb(raw)
+
+    def all_packs(self) -> dict[int, dict[str, Any]]:
+        with self.env.begin(db=self.packs) as txn:
+            return {
+                _U64.unpack(bytes(k))[0]: msgpack.unpackb(v) for k, v in txn.cursor().iternext()
+            }
+
+    # -- meta ---------------------------------------------------------------------------
+    def get_meta(self, name: str) -> Any:
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(name.encode())
+        return None if raw is None else msgpack.unpackb(raw)
+
+    # -- points -------------------------------------------------------------------------
+    def point_records(self, source: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        prefix = b"" if source is None else source.encode() + b"\0"
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        with self.env.begin(db=self.points) as txn:
+            cur = txn.cursor()
+            ok = cur.set_range(prefix) if prefix else cur.first()
+            while ok:
+                key = bytes(cur.key())
+                if prefix and not key.startswith(prefix):
+                    break
+                src, _, pid = key.partition(b"\0")
+                out.append((src.decode(), pid.decode(), msgpack.unpackb(cur.value())))
+                ok = cur.next()
+        return out
+
+    def point_record(self, source: str, point_id: str) -> dict[str, Any] | None:
+        with self.env.begin(db=self.points) as txn:
+            raw = txn.get(point_key(source, point_id))
+        return None if raw is None else msgpack.unpackb(raw)
+
+    # -- files cache --------------------------------------------------------------------
+    def files_get(self, source: str, path: str) -> dict[str, Any] | None:
+        with self.env.begin(db=self.files) as txn:
+            raw = txn.get(point_key(source, path))
+        return None if raw is None else msgpack.unpackb(raw)
+
+    # -- writes -------------------------------------------------------------------------
+    def commit(
+        self,
+        *,
+        chunks: Iterable[tuple[bytes, Loc]] = (),
+        packs: Iterable[tuple[int, dict[str, Any]]] = (),
+        points: Iterable[tuple[bytes, dict[str, Any] | None]] = (),
+        meta: Iterable[tuple[str, Any]] = (),
+        files: Iterable[tuple[bytes, dict[str, Any] | None]] = (),
+        delete_chunks: Iterable[bytes] = (),
+        delete_packs: Iterable[int] = (),
+        only_new_chunks: bool = False,
+    ) -> None:
+        """Apply one atomic, durable change (LMDB commit with fsync)."""
+        with self.env.begin(write=True) as txn:
+            for cid, loc in chunks:
+                txn.put(cid, CHUNK_LOC.pack(*loc), db=self.chunks, overwrite=not only_new_chunks)
+            for cid in delete_chunks:
+                txn.delete(cid, db=self.chunks)
+            for pid, info in packs:
+                txn.put(pack_key(pid), msgpack.packb(info), db=self.packs)
+            for pid in delete_packs:
+                txn.delete(pack_key(pid), db=self.packs)
+            for key, rec in points:
+                if rec is None:
+                    txn.delete(key, db=self.points)
+                else:
+                    txn.put(key, msgpack.packb(rec), db=self.points)
+            for name, value in meta:
+                if value is None:
+                    txn.delete(name.encode(), db=self.meta)
+                else:
+                    txn.put(name.encode(), msgpack.packb(value), db=self.meta)
+            for key, rec in files:
+                if rec is None:
+                    txn.delete(key, db=self.files)
+                else:
+                    txn.put(key, msgpack.packb(rec), db=self.files)
+
+    def clear_all(self) -> None:
+        with self.env.begin(write=True) as txn:
+            for db in (self.chunks, self.packs, self.points, self.meta, self.files):
+                txn.drop(db, delete=False)

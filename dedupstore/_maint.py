@@ -1,0 +1,444 @@
+"""Repository maintenance: reference walking, verify, prune, GC + compaction, stats, rebuild.
+
+Owns the reachability rules (what a point references) and every whole-repository pass.
+All passes that change the repository need the writer lock (Repository opened writable).
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from ._imagepoint import block_map, worker_count
+from ._index import Index, point_key
+from ._pack import pack_path, scan_pack
+from ._repo import Point, Repository
+from .errors import ChunkCorrupt, ChunkMissing, FormatError, InvalidArgument, StoreError
+from .formats import PACK_SUFFIX, ZERO_ID, ChunkId, Kind
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+# -- references ---------------------------------------------------------------------------
+def point_refs(repo: Repository, point: Point) -> Iterator[ChunkId]:
+    """Every chunk id a point needs (manifest, pages, blocks, tree slices, file chunks).
+
+    Raises ChunkMissing / ChunkCorrupt when the point's own index structures are damaged.
+    """
+    yield point.manifest_id
+    m = point.manifest
+    if m["kind"] == "image":
+        for disk in m["disks"]:
+            bmap = block_map(repo, disk)
+            yield from bmap.page_ids()
+            seen_last = None
+            for cid, _fp in bmap.entries():
+                if cid != ZERO_ID and cid != seen_last:
+                    yield cid
+                    seen_last = cid
+    elif m["kind"] == "files":
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * 1024 * 1024)
+        for tid in m.get("tree", []):
+            yield ChunkId(bytes(tid))
+            unpacker.feed(repo.get(bytes(tid)))
+            for item in unpacker:
+                for c in item.get("c", ()) if isinstance(item, dict) else ():
+                    yield ChunkId(bytes(c[0]))
+    else:
+        raise FormatError(f"{point.name}: unknown point kind {m['kind']!r}")
+
+
+# -- verify -------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    bad_chunks: dict[bytes, str] = field(default_factory=dict)
+    damaged_points: dict[str, str] = field(default_factory=dict)
+    points_checked: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_chunks and not self.damaged_points
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "chunks_checked": self.chunks_checked,
+            "bytes_checked": self.bytes_checked,
+            "points_checked": self.points_checked,
+            "bad_chunks": {k.hex(): v for k, v in self.bad_chunks.items()},
+            "damaged_points": self.damaged_points,
+            "notes": self.notes,
+        }
+
+
+def _check(repo: Repository, cid: bytes) -> tuple[bytes, int, str | None]:
+    try:
+        data = repo.get(cid, verify_id=True)
+    except StoreError as exc:
+        return cid, 0, str(exc)
+    return cid, len(data), None
+
+
+def verify(
+    repo: Repository, point: Point | None = None, progress: Progress | None = None
+) -> VerifyReport:
+    """Re-read and re-hash chunks; name the points that reference a bad or missing chunk.
+
+    Without `point`: every indexed chunk, then every point's references. With `point`:
+    only the chunks that point references.
+    """
+    rep = VerifyReport()
+    points = [point] if point is not None else repo.list_points()
+    if point is None:
+        # Read in pack order so the disk streams; hash on every core.
+        by_pack: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+        for cid, loc in repo.index.iter_chunks():
+            by_pack[loc[0]].append((loc[1], cid))
+        order = [cid for pid in sorted(by_pack) for _off, cid in sorted(by_pack[pid])]
+        total = len(order)
+        with ThreadPoolExecutor(worker_count(), thread_name_prefix="verify") as pool:
+            for n, (cid, size, err) in enumerate(
+                pool.map(lambda c: _check(repo, c), order, chunksize=64), start=1
+            ):
+                rep.chunks_checked += 1
+                rep.bytes_checked += size
+                if err is not None:
+                    rep.bad_chunks[cid] = err
+                if progress and n % 256 == 0:
+                    progress(n, total)
+        for pid, info in repo.index.all_packs().items():
+            if not pack_path(repo.root, str(info["tier"]), pid).exists():
+                rep.notes.append(f"pack {pid:016x} is missing from disk")
+    for p in points:
+        rep.points_checked += 1
+        problem = _point_problem(repo, p, rep, check_chunks=point is not None)
+        if problem:
+            rep.damaged_points[p.name] = problem
+    return rep
+
+
+def _point_problem(repo: Repository, p: Point, rep: VerifyReport, check_chunks: bool) -> str | None:
+    seen: set[bytes] = set()
+    try:
+        for cid in point_refs(repo, p):
+            if cid in seen:
+                continue
+            seen.add(cid)
+            if cid in rep.bad_chunks:
+                return f"chunk {cid.hex()[:16]}: {rep.bad_chunks[cid]}"
+            if check_chunks:
+                _c, size, err = _check(repo, cid)
+                rep.chunks_checked += 1
+                rep.bytes_checked += size
+                if err is not None:
+                    rep.bad_chunks[cid] = err
+                    return f"chunk {cid.hex()[:16]}: {err}"
+            elif repo.index.lookup(cid) is None:
+                rep.bad_chunks[cid] = "missing"
+                return f"chunk {cid.hex()[:16]} is missing"
+    except (ChunkMissing, ChunkCorrupt, FormatError) as exc:
+        return f"index structure damaged: {exc}"
+    return None
+
+
+# -- prune --------------------------------------------------------------------------------
+PRUNE_RULES: list[tuple[str, Callable[[time.struct_time], tuple[int, ...]]]] = [
+    ("yearly", lambda t: (t.tm_year,)),
+    ("monthly", lambda t: (t.tm_year, t.tm_mon)),
+    ("weekly", lambda t: (int(time.strftime("%G", t)), int(time.strftime("%V", t)))),
+    ("daily", lambda t: (t.tm_year, t.tm_yday)),
+]
+
+
+def prune_plan(
+    points: list[Point],
+    *,
+    keep_last: int = 0,
+    keep_daily: int = 0,
+    keep_weekly: int = 0,
+    keep_monthly: int = 0,
+    keep_yearly: int = 0,
+    protected: set[str] | None = None,
+    now: float | None = None,
+) -> tuple[list[tuple[Point, str]], list[Point]]:
+    """borg-style retention for one source: returns ([(kept, why)], [to delete])."""
+    if not any((keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly)):
+        raise InvalidArgument("prune needs at least one --keep-* rule")
+    now = time.time() if now is None else now
+    newest_first = sorted(points, key=lambda p: p.time_ns, reverse=True)
+    why: dict[str, str] = {}
+    for p in newest_first[:keep_last]:
+        why.setdefault(p.name, "last")
+    counts = {
+        "daily": keep_daily,
+        "weekly": keep_weekly,
+        "monthly": keep_monthly,
+        "yearly": keep_yearly,
+    }
+    for rule, key_of in PRUNE_RULES:
+        want = counts[rule]
+        if not want:
+            continue
+        last_key = None
+        for p in newest_first:
+            key = key_of(time.gmtime(p.time_ns / 1e9))
+            if key != last_key:
+                last_key = key
+                why.setdefault(p.name, rule)
+                want -= 1
+                if want == 0:
+                    break
+    for p in newest_first:
+        if p.locked_until and p.locked_until > now:
+            why[p.name] = "locked"
+        elif protected and p.name in protected:
+            why[p.name] = "in use by an overlay"
+    kept = [(p, why[p.name]) for p in newest_first if p.name in why]
+    gone = [p for p in newest_first if p.name not in why]
+    return kept, gone
+
+
+# -- GC -----------------------------------------------------------------------------------
+@dataclass
+class GcReport:
+    live_chunks: int = 0
+    deleted_chunks: int = 0
+    deleted_bytes: int = 0
+    packs_rewritten: int = 0
+    packs_deleted: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def gc(
+    repo: Repository,
+    *,
+    compact_below: float = 0.8,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> GcReport:
+    """Mark every chunk reachable from a point, drop the rest from the index, compact packs.
+
+    Compaction copies the live payloads of packs whose live share is below `compact_below`
+    into new packs (no re-encoding), commits the new locations, then deletes the old packs
+    (recorded first as pending deletions so a crash finishes the job on the next open).
+    """
+    repo._need_writer()
+    rep = GcReport()
+    live: set[bytes] = set()
+    for p in repo.list_points():
+        live.update(point_refs(repo, p))
+    packs = repo.index.all_packs()
+    rep.bytes_before = sum(int(i["size"]) for i in packs.values())
+    live_bytes: dict[int, int] = defaultdict(int)
+    dead: list[bytes] = []
+    members: dict[int, list[tuple[bytes, tuple[int, int, int, int, int, int]]]] = defaultdict(list)
+    for cid, loc in repo.index.iter_chunks():
+        if cid in live or loc[4] in (Kind.TOMBSTONE, Kind.LOCKREC):
+            live_bytes[loc[0]] += loc[2]
+            members[loc[0]].append((cid, loc))
+        else:
+            dead.append(cid)
+            rep.deleted_bytes += loc[2]
+    rep.live_chunks = sum(len(v) for v in members.values())
+    rep.deleted_chunks = len(dead)
+    if dry_run:
+        return rep
+    if dead:
+        for i in range(0, len(dead), 100_000):
+            repo.index.commit(delete_chunks=dead[i : i + 100_000])
+    to_compact = [
+        pid
+        for pid, info in packs.items()
+        if live_bytes.get(pid, 0) < compact_below * max(1, int(info["size"]) - 40)
+    ]
+    total = len(to_compact)
+    for n, pid in enumerate(sorted(to_compact), start=1):
+        for cid, loc in sorted(members.get(pid, []), key=lambda m: m[1][1]):
+            payload = repo.read_raw(cid, loc)
+            repo.put_sealed(loc[4], cid, loc[5], payload, loc[3])
+        if members.get(pid):
+            rep.packs_rewritten += 1
+        else:
+            rep.packs_deleted += 1
+        if progress:
+            progress(n, total)
+    if to_compact:
+        repo.flush()
+        doomed = [(pid, str(packs[pid]["tier"])) for pid in to_compact]
+        repo.index.commit(delete_packs=to_compact, meta=[("pending_delete", doomed)])
+        for pid, tier in doomed:
+            repo.forget_pack_fd(pid)
+            try:
+                pack_path(repo.root, tier, pid).unlink()
+            except FileNotFoundError:
+                pass
+        repo.index.commit(meta=[("pending_delete", None)])
+    rep.bytes_after = sum(int(i["size"]) for i in repo.index.all_packs().values())
+    return rep
+
+
+# -- stats --------------------------------------------------------------------------------
+def stats(repo: Repository) -> dict[str, Any]:
+    """Logical vs stored bytes, dedup and compression ratios, per-source counts."""
+    points = repo.list_points()
+    logical = 0
+    per_source: dict[str, dict[str, int]] = defaultdict(lambda: {"points": 0, "logical_bytes": 0})
+    for p in points:
+        lb = int(p.manifest.get("stats", {}).get("logical_bytes", 0))
+        logical += lb
+        per_source[p.source]["points"] += 1
+        per_source[p.source]["logical_bytes"] += lb
+    unique_raw = stored_payload = n_chunks = 0
+    by_kind: dict[str, int] = defaultdict(int)
+    for _cid, loc in repo.index.iter_chunks():
+        n_chunks += 1
+        unique_raw += loc[3]
+        stored_payload += loc[2]
+        by_kind[Kind(loc[4]).name.lower()] += loc[2]
+    packs = repo.index.all_packs()
+    pack_bytes = sum(int(i["size"]) for i in packs.values())
+    tiers: dict[str, int] = defaultdict(int)
+    for info in packs.values():
+        tiers[str(info["tier"])] += int(info["size"])
+    return {
+        "points": len(points),
+        "sources": dict(per_source),
+        "logical_bytes": logical,
+        "unique_bytes": unique_raw,
+        "stored_bytes": pack_bytes,
+        "chunks": n_chunks,
+        "packs": len(packs),
+        "tiers": dict(tiers),
+        "stored_by_kind": dict(by_kind),
+        "dedup_ratio": round(logical / unique_raw, 3) if unique_raw else 0.0,
+        "compression_ratio": round(unique_raw / stored_payload, 3) if stored_payload else 0.0,
+        "total_ratio": round(logical / pack_bytes, 3) if pack_bytes else 0.0,
+        "config": {
+            "block_size": repo.config.block_size,
+            "hash": repo.config.hash,
+            "compression": repo.config.compression,
+            "encryption": repo.config.encryption,
+        },
+    }
+
+
+# -- rebuild ------------------------------------------------------------------------------
+@dataclass
+class RebuildReport:
+    packs: int = 0
+    chunks: int = 0
+    points: int = 0
+    deleted_points: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rebuild_index(repo: Repository, progress: Progress | None = None) -> RebuildReport:
+    """Recreate the LMDB index and catalogue from the pack files alone."""
+    repo._need_writer()
+    rep = RebuildReport()
+    paths = sorted((repo.root / "packs").glob(f"*/*/*{PACK_SUFFIX}"))
+    chunk_rows: dict[bytes, tuple[int, int, int, int, int, int]] = {}
+    pack_rows: list[tuple[int, dict[str, Any]]] = []
+    records: list[tuple[Path, bytes, tuple[int, int, int, int, int, int]]] = []
+    max_id = 0
+    for n, path in enumerate(paths, start=1):
+        try:
+            scan = scan_pack(path, check_payloads=False)
+        except (FormatError, OSError) as exc:
+            rep.problems.append(f"{path.name}: {exc}")
+            continue
+        if not scan.sealed:
+            scan = scan_pack(path, check_payloads=True)
+        rep.problems.extend(f"{path.name}: {p}" for p in scan.problems)
+        rep.packs += 1
+        max_id = max(max_id, scan.pack_id)
+        pack_rows.append(
+            (scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": True})
+        )
+        for e in scan.entries:
+            loc = (scan.pack_id, e.offset, e.stored_len, e.raw_len, e.kind, e.codec)
+            chunk_rows.setdefault(e.chunk_id, loc)
+            if e.kind in (Kind.POINT, Kind.TOMBSTONE, Kind.LOCKREC):
+                records.append((path, e.chunk_id, loc))
+        if progress:
+            progress(n, len(paths))
+    # Decode catalogue records. Tombstones win over manifests; the newest lock record wins.
+    manifests: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    tombs: set[str] = set()
+    locks: dict[str, tuple[int, float | None]] = {}
+    for path, cid, loc in records:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(loc[1])
+                payload = fh.read(loc[2])
+            data = repo.codec.open_payload(loc[4], loc[5], cid, payload, loc[3])
+            obj = msgpack.unpackb(data)
+        except (StoreError, ValueError, OSError) as exc:
+            rep.problems.append(f"catalogue record {cid.hex()[:16]}: {exc}")
+            continue
+        if loc[4] == Kind.POINT:
+            name = f"{obj['source']}@{obj['id']}"
+            manifests[name] = (
+                obj,
+                {"c": cid, "m": payload, "codec": loc[5], "raw": loc[3], "lock": None},
+            )
+        elif loc[4] == Kind.TOMBSTONE:
+            tombs.add(str(obj["tombstone"]))
+        else:
+            prev = locks.get(str(obj["lock"]))
+            if prev is None or obj["time_ns"] > prev[0]:
+                locks[str(obj["lock"])] = (int(obj["time_ns"]), obj["until"])
+    point_rows: list[tuple[bytes, dict[str, Any] | None]] = []
+    for name, (obj, rec) in manifests.items():
+        if name in tombs:
+            rep.deleted_points += 1
+            continue
+        if name in locks:
+            rec["lock"] = locks[name][1]
+        point_rows.append((point_key(str(obj["source"]), str(obj["id"])), rec))
+    old = repo.root / "index.old"
+    shutil.rmtree(old, ignore_errors=True)
+    repo.index.close()
+    os.rename(repo.root / "index", old)
+    repo.index = Index(repo.root / "index", readonly=False)
+    rows = list(chunk_rows.items())
+    for i in range(0, len(rows), 200_000):
+        repo.index.commit(chunks=rows[i : i + 200_000])
+    repo.index.commit(packs=pack_rows, points=point_rows, meta=[("next_pack", max_id + 1)])
+    shutil.rmtree(old, ignore_errors=True)
+    rep.chunks = len(chunk_rows)
+    rep.points = len(point_rows)
+    return rep
+
+
+def parse_until(text: str) -> float:
+    """'2027-01-31' or '2027-01-31T12:00:00' (UTC) -> unix seconds."""
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"):
+        try:
+            return float(calendar.timegm(time.strptime(text, fmt)))
+        except ValueError:
+            continue
+    raise InvalidArgument(f"bad date {text!r} (expected YYYY-MM-DD)")

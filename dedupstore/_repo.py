@@ -1,0 +1,497 @@
+"""The repository: config + keys + packs + index, behind one synchronous object.
+
+Owns the chunk layer (put/get/has), the writer lock, crash recovery of unsealed packs, and
+the point catalogue. Reads are thread-safe; writes happen on the one writer thread of the
+one writer process (an flock on `lock` enforces the process part).
+
+Durability protocol: chunk payloads go to the open pack; `flush` seals the pack (table,
+footer, fsync) and only then commits its entries to the index. A point becomes visible in
+the same commit that indexes the pack holding its manifest, after every pack it references
+was sealed. A killed writer leaves an unsealed pack: the next writer salvages every intact
+entry into the index (so a re-run of the same backup finds those chunks), and a reader never
+sees a point whose chunks are not durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from ._codec import ChunkCodec, parse_compression
+from ._config import RepoConfig, new_config, read_config, unwrap_keys, write_config
+from ._index import Index, Loc, point_key
+from ._pack import PackWriter, pack_path, scan_pack
+from .errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    FormatError,
+    InvalidArgument,
+    Locked,
+    NotFound,
+    ReadOnly,
+    StoreError,
+)
+from .formats import ENTRY_HEADER, ENTRY_TAG, PACK_SUFFIX, ZERO_ID, ChunkId, Kind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIER = "capacity"
+POINT_ID_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    chunk_id: ChunkId
+    stored_bytes: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """A backup point as listed in the catalogue. `manifest` is the decoded manifest."""
+
+    source: str
+    id: str
+    manifest: dict[str, Any]
+    manifest_id: ChunkId
+    locked_until: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}@{self.id}"
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["kind"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.manifest.get("mode", "full"))
+
+    @property
+    def time_ns(self) -> int:
+        return int(self.manifest["time_ns"])
+
+    @property
+    def parent(self) -> str | None:
+        p = self.manifest.get("parent")
+        return None if p is None else str(p)
+
+
+@dataclass
+class _Pending:
+    """Entries written to the open pack but not yet committed to the index."""
+
+    writer: PackWriter
+    ids: dict[bytes, Loc] = field(default_factory=dict)
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """'vm1@latest' -> ('vm1', 'latest'); a bare name means latest."""
+    source, sep, pid = ref.partition("@")
+    if not source:
+        raise InvalidArgument(f"bad point reference {ref!r} (expected NAME@ID or NAME@latest)")
+    return source, (pid if sep else "latest")
+
+
+def validate_source_name(name: str) -> None:
+    if not name or "/" in name or "@" in name or "\0" in name or name in (".", ".."):
+        raise InvalidArgument(f"bad source name {name!r} (no '/', '@', NUL; not empty)")
+
+
+class Repository:
+    """One open repository. Use `Repository.open(...)` or `Repository.create(...)`."""
+
+    def __init__(
+        self, root: Path, cfg: RepoConfig, codec: ChunkCodec, index: Index, lock_fd: int | None
+    ) -> None:
+        self.root = root
+        self.config = cfg
+        self.codec = codec
+        self.index = index
+        self.block_size = cfg.block_size
+        self._lock_fd = lock_fd
+        self._pending: _Pending | None = None
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fd_lock = threading.Lock()
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        *,
+        block_size: int = 65536,
+        hash_name: str = "sha256",
+        compression: str = "zstd",
+        encryption: str = "none",
+        passphrase: str | None = None,
+    ) -> None:
+        root = Path(root)
+        if (root / "config.json").exists():
+            raise InvalidArgument(f"a repository already exists at {root}")
+        if root.exists() and any(p.name not in ("lost+found",) for p in root.iterdir()):
+            raise InvalidArgument(f"{root} exists and is not empty")
+        codec, level = parse_compression(compression)
+        cfg, _keys = new_config(
+            block_size=block_size,
+            hash_name=hash_name,
+            compression=f"{codec.name.lower()},{level}",
+            encryption=encryption,
+            passphrase=passphrase,
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "packs").mkdir(exist_ok=True)
+        Index(root / "index", readonly=False).close()
+        write_config(root, cfg)
+
+    @classmethod
+    def open(
+        cls, root: Path, *, passphrase: str | None = None, writable: bool = False
+    ) -> Repository:
+        root = Path(root)
+        cfg = read_config(root)
+        keys = unwrap_keys(cfg, passphrase)
+        codec_id, level = parse_compression(cfg.compression)
+        codec = ChunkCodec(cfg.hash, codec_id, level, keys)
+        lock_fd = _take_writer_lock(root) if writable else None
+        try:
+            index = Index(root / "index", readonly=not writable)
+        except Exception:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        repo = cls(root, cfg, codec, index, lock_fd)
+        if writable:
+            repo._recover()
+        return repo
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._pending is not None:
+                self._pending.writer.abort()
+                self._pending = None
+        finally:
+            with self._fd_lock:
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+            self.index.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @property
+    def writable(self) -> bool:
+        return self._lock_fd is not None
+
+    def _need_writer(self) -> None:
+        if not self.writable:
+            raise ReadOnly("repository opened read-only")
+
+    # -- crash recovery -----------------------------------------------------------------
+    def _recover(self) -> None:
+        """Finish deletions of a crashed GC; salvage packs the index does not know."""
+        pending = self.index.get_meta("pending_delete") or []
+        known = self.index.all_packs()
+        for pid, tier in pending:
+            if pid in known:
+                continue  # still referenced: the GC commit did not happen
+            with contextlib.suppress(FileNotFoundError):
+                pack_path(self.root, tier, pid).unlink()
+        if pending:
+            self.index.commit(meta=[("pending_delete", None)])
+        max_id = max(known, default=0)
+        for path in sorted((self.root / "packs").glob(f"*/*/*{PACK_SUFFIX}")):
+            try:
+                pid = int(path.stem, 16)
+            except ValueError:
+                continue
+            max_id = max(max_id, pid)
+            if pid in known:
+                continue
+            self._salvage(path)
+        next_id = self.index.get_meta("next_pack") or 1
+        if next_id <= max_id:
+            self.index.commit(meta=[("next_pack", max_id + 1)])
+
+    def _salvage(self, path: Path) -> None:
+        try:
+            scan = scan_pack(path)
+        except (FormatError, OSError) as exc:
+            log.warning("ignoring unreadable pack %s: %s", path, exc)
+            return
+        if not scan.entries:
+            log.info("removing empty unsealed pack %s", path)
+            path.unlink()
+            return
+        log.info(
+            "salvaged %d chunks from %s pack %s",
+            len(scan.entries),
+            "sealed" if scan.sealed else "unsealed",
+            path.name,
+        )
+        self.index.commit(
+            chunks=[
+                (e.chunk_id, (scan.pack_id, e.offset, e.stored_len, e.raw_len, e.kind, e.codec))
+                for e in scan.entries
+            ],
+            packs=[(scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": True})],
+            only_new_chunks=True,
+        )
+
+    # -- chunk layer --------------------------------------------------------------------
+    def chunk_id(self, data: bytes | memoryview) -> ChunkId:
+        return self.codec.chunk_id(data)
+
+    def has(self, cid: bytes) -> bool:
+        if cid == ZERO_ID:
+            return True
+        if self._pending is not None and cid in self._pending.ids:
+            return True
+        return self.index.lookup(cid) is not None
+
+    def put(self, kind: Kind, data: bytes, cid: ChunkId | None = None) -> PutResult:
+        """Store one chunk unless present. Writer thread only."""
+        if cid is None:
+            cid = self.codec.chunk_id(data)
+        if self.has(cid):
+            return PutResult(cid, 0, True)
+        codec, payload = self.codec.seal(kind, cid, data)
+        return PutResult(cid, self.put_sealed(kind, cid, codec, payload, len(data)), False)
+
+    def put_sealed(self, kind: int, cid: bytes, codec: int, payload: bytes, raw_len: int) -> int:
+        """Append an already sealed payload (pipeline path). Returns bytes added, 0 if dup."""
+        self._need_writer()
+        if self._pending is not None and cid in self._pending.ids:
+            return 0
+        if self._pending is None:
+            self._pending = _Pending(self._new_pack_writer())
+        w = self._pending.writer
+        added = w.add(ChunkId(cid), kind, codec, payload, raw_len)
+        e = w.entries[-1]
+        self._pending.ids[cid] = (w.pack_id, e.offset, e.stored_len, e.raw_len, kind, codec)
+        if w.size >= self.config.pack_target_bytes:
+            self.flush()
+        return added
+
+    def _new_pack_writer(self, tier: str = DEFAULT_TIER) -> PackWriter:
+        pid = int(self.index.get_meta("next_pack") or 1)
+        self.index.commit(meta=[("next_pack", pid + 1)])
+        return PackWriter(self.root, tier, pid)
+
+    def flush(
+        self,
+        *,
+        points: list[tuple[bytes, dict[str, Any] | None]] | None = None,
+        files: list[tuple[bytes, dict[str, Any] | None]] | None = None,
+    ) -> None:
+        """Seal the open pack, then commit its entries (and catalogue changes) durably."""
+        chunks: list[tuple[bytes, Loc]] = []
+        packs: list[tuple[int, dict[str, Any]]] = []
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            p.writer.seal()
+            chunks = list(p.ids.items())
+            packs = [
+                (p.writer.pack_id, {"tier": p.writer.tier, "size": p.writer.size, "sealed": True})
+            ]
+        if chunks or points or files:
+            self.index.commit(chunks=chunks, packs=packs, points=points or (), files=files or ())
+
+    def _pack_fd(self, pack_id: int) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(pack_id)
+            if fd is not None:
+                self._fds.move_to_end(pack_id)
+                return fd
+        info = self.index.pack_info(pack_id)
+        if info is None:
+            raise ChunkMissing(f"pack {pack_id:016x} is not in the index")
+        path = pack_path(self.root, str(info["tier"]), pack_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ChunkMissing(f"pack file {path} is missing") from None
+        with self._fd_lock:
+            old = self._fds.get(pack_id)
+            if old is not None:
+                os.close(fd)
+                return old
+            self._fds[pack_id] = fd
+            while len(self._fds) > 256:
+                _pid, ofd = self._fds.popitem(last=False)
+                os.close(ofd)
+        return fd
+
+    def forget_pack_fd(self, pack_id: int) -> None:
+        with self._fd_lock:
+            fd = self._fds.pop(pack_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def read_raw(self, cid: bytes, loc: Loc) -> bytes:
+        """The stored payload of a chunk, its entry header checked (crc, id)."""
+        pack_id, offset, stored_len, _raw, _kind, _codec = loc
+        fd = self._pack_fd(pack_id)
+        head_off = offset - ENTRY_HEADER.size
+        blob = os.pread(fd, ENTRY_HEADER.size + stored_len, head_off)
+        if len(blob) != ENTRY_HEADER.size + stored_len:
+            raise ChunkCorrupt(f"chunk {cid.hex()[:16]}: pack {pack_id:016x} is truncated")
+        fields = ENTRY_HEADER.unpack_from(blob)
+        payload = blob[ENTRY_HEADER.size :]
+        if fields[0] != ENTRY_TAG or fields[4] != cid:
+            raise ChunkCorrupt(
+                f"chunk {cid.hex()[:16]}: entry header damaged in pack {pack_id:016x}"
+            )
+        if zlib.crc32(payload) != fields[7]:
+            raise ChunkCorrupt(f"chunk {cid.hex()[:16]}: checksum mismatch in pack {pack_id:016x}")
+        return payload
+
+    def get(self, cid: bytes, *, verify_id: bool = False) -> bytes:
+        """Plaintext of a chunk. Raises ChunkMissing / ChunkCorrupt, never returns bad data.
+
+        Thread-safe. Payload crc (and the GCM tag when encrypted) is always checked;
+        `verify_id` also re-hashes the plaintext against the id (what `verify` does).
+        """
+        if cid == ZERO_ID:
+            raise InvalidArgument("the zero id has no stored chunk")
+        loc = self.index.lookup(cid)
+        if loc is None and self._pending is not None:
+            loc = self._pending.ids.get(cid)
+            if loc is not None:
+                self._pending.writer._drain()
+        if loc is None:
+            raise ChunkMissing(f"chunk {cid.hex()[:16]} is not in the repository")
+        try:
+            payload = self.read_raw(cid, loc)
+        except ChunkMissing:
+            # A concurrent GC may have moved it: look once more.
+            loc2 = self.index.lookup(cid)
+            if loc2 is None or loc2 == loc:
+                raise
+            self.forget_pack_fd(loc[0])
+            loc = loc2
+            payload = self.read_raw(cid, loc)
+        data = self.codec.open_payload(loc[4], loc[5], cid, payload, loc[3])
+        if verify_id and self.codec.chunk_id(data) != cid:
+            raise ChunkCorrupt(f"chunk {cid.hex()[:16]}: content does not match its id")
+        return data
+
+    # -- catalogue ----------------------------------------------------------------------
+    def encode_record(self, kind: Kind, obj: Any) -> tuple[ChunkId, bytes]:
+        data = msgpack.packb(obj)
+        return self.codec.chunk_id(data), data
+
+    def _decode_record(self, rec: dict[str, Any]) -> dict[str, Any]:
+        cid = bytes(rec["c"])
+        data = self.codec.open_payload(Kind.POINT, rec["codec"], cid, bytes(rec["m"]), rec["raw"])
+        obj = msgpack.unpackb(data)
+        if not isinstance(obj, dict):
+            raise FormatError("point manifest is not a map")
+        return obj
+
+    def _point_from(self, source: str, pid: str, rec: dict[str, Any]) -> Point:
+        return Point(
+            source, pid, self._decode_record(rec), ChunkId(bytes(rec["c"])), rec.get("lock")
+        )
+
+    def list_points(self, source: str | None = None) -> list[Point]:
+        """Points ordered by source, then time (point ids sort chronologically)."""
+        return [self._point_from(s, p, r) for s, p, r in self.index.point_records(source)]
+
+    def sources(self) -> list[str]:
+        return sorted({s for s, _p, _r in self.index.point_records()})
+
+    def resolve(self, ref: str) -> Point:
+        source, pid = split_ref(ref)
+        if pid == "latest":
+            recs = self.index.point_records(source)
+            if not recs:
+                raise NotFound(f"no points for source {source!r}")
+            s, p, r = recs[-1]
+            return self._point_from(s, p, r)
+        rec = self.index.point_record(source, pid)
+        if rec is None:
+            raise NotFound(f"no point {source}@{pid}")
+        return self._point_from(source, pid, rec)
+
+    def new_point_id(self, source: str, when_ns: int) -> str:
+        """A time-based id that sorts after every existing id of the source."""
+        pid = time.strftime(POINT_ID_FORMAT, time.gmtime(when_ns / 1e9))
+        recs = self.index.point_records(source)
+        if recs and pid <= recs[-1][1]:
+            # same second, or the clock went back: count on from the latest id
+            base, _, n = recs[-1][1].partition("-")
+            pid = f"{base}-{int(n or 1) + 1:03d}"
+        return pid
+
+    def commit_point(self, manifest: dict[str, Any], *, files: list[Any] | None = None) -> Point:
+        """Make a point visible: manifest into a pack, seal, one index commit. Writer only."""
+        self._need_writer()
+        validate_source_name(str(manifest["source"]))
+        cid, data = self.encode_record(Kind.POINT, manifest)
+        codec, payload = self.codec.seal(Kind.POINT, cid, data)
+        self.put_sealed(Kind.POINT, cid, codec, payload, len(data))
+        rec = {"c": cid, "m": payload, "codec": int(codec), "raw": len(data), "lock": None}
+        key = point_key(str(manifest["source"]), str(manifest["id"]))
+        self.flush(points=[(key, rec)], files=files)
+        return Point(str(manifest["source"]), str(manifest["id"]), manifest, cid, None)
+
+    def delete_point(self, point: Point, *, force: bool = False) -> None:
+        self._need_writer()
+        if point.locked_until and point.locked_until > time.time() and not force:
+            until = time.strftime("%Y-%m-%d", time.gmtime(point.locked_until))
+            raise Locked(f"{point.name} is locked until {until}")
+        tomb = {"tombstone": point.name, "time_ns": time.time_ns()}
+        self.put(Kind.TOMBSTONE, msgpack.packb(tomb))
+        self.flush(points=[(point_key(point.source, point.id), None)])
+
+    def lock_point(self, point: Point, until: float | None) -> Point:
+        self._need_writer()
+        rec = self.index.point_record(point.source, point.id)
+        if rec is None:
+            raise NotFound(f"no point {point.name}")
+        rec["lock"] = until
+        lockrec = {"lock": point.name, "until": until, "time_ns": time.time_ns()}
+        self.put(Kind.LOCKREC, msgpack.packb(lockrec))
+        self.flush(points=[(point_key(point.source, point.id), rec)])
+        return Point(point.source, point.id, point.manifest, point.manifest_id, until)
+
+
+def _take_writer_lock(root: Path) -> int:
+    path = root / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise Locked(f"repository {root} is busy: a writer is running ({holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
+__all__ = ["Point", "PutResult", "Repository", "StoreError", "split_ref"]
