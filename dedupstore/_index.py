@@ -14,6 +14,7 @@ and ends inside one method call (never held across an await or a callback).
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,53 @@ def point_key(source: str, point_id: str) -> bytes:
 Loc = tuple[int, int, int, int, int, int]  # pack id, offset, stored_len, raw_len, kind, codec
 
 
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire_env(path: Path) -> lmdb.Environment:
+    """One LMDB environment per path per process (LMDB forbids opening one twice)."""
+    key = str(path.resolve())
+    with _ENVS_LOCK:
+        env, refs = _ENVS.get(key, (None, 0))
+        if env is None:
+            env = _open_env(path)
+        _ENVS[key] = (env, refs + 1)
+        return env
+
+
+def _release_env(path: Path) -> None:
+    key = str(path.resolve())
+    with _ENVS_LOCK:
+        env, refs = _ENVS[key]
+        if refs <= 1:
+            del _ENVS[key]
+            env.close()
+        else:
+            _ENVS[key] = (env, refs - 1)
+
+
+def _open_env(path: Path) -> lmdb.Environment:
+    return lmdb.open(
+        str(path),
+        map_size=MAP_SIZE,
+        max_dbs=8,
+        subdir=True,
+        readonly=False,  # readers still need the lock table; writes are gated above
+        lock=True,
+        readahead=False,
+        max_readers=1024,
+    )
+
+
 class Index:
     """Thin typed layer over the LMDB environment. Thread-safe (py-lmdb, MDB_NOTLS)."""
 
     def __init__(self, path: Path, *, readonly: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(
-            str(path),
-            map_size=MAP_SIZE,
-            max_dbs=8,
-            subdir=True,
-            readonly=False,  # readers still need the lock table; writes are gated above
-            lock=True,
-            readahead=False,
-            max_readers=1024,
-        )
+        self.path = path
+        self.env = _acquire_env(path)
+        self._open = True
         self.readonly = readonly
         self.chunks = self.env.open_db(b"chunks")
         self.packs = self.env.open_db(b"packs")
@@ -61,7 +94,9 @@ class Index:
         self.files = self.env.open_db(b"files")
 
     def close(self) -> None:
-        self.env.close()
+        if self._open:
+            self._open = False
+            _release_env(self.path)
 
     # -- chunks -------------------------------------------------------------------------
     def lookup(self, cid: bytes) -> Loc | None:
