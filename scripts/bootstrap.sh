@@ -40,7 +40,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 mkdir -p "$stamp_dir"
 if [ ! -f "$stamp_dir/pip" ] || [ pyproject.toml -nt "$stamp_dir/pip" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "bootstrap: installing Python packages into .venv"
+  if ! { .venv/bin/python -m pip install -q --upgrade pip setuptools wheel &&
+         .venv/bin/python -m pip install -q -e '.[dev]'; } >"$stamp_dir/pip.log" 2>&1; then
+    cat "$stamp_dir/pip.log" >&2
+    echo "bootstrap: pip install failed" >&2
+    exit 1
+  fi
   touch "$stamp_dir/pip"
 fi
