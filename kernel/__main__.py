@@ -1,0 +1,79 @@
+"""Command line of the build-time ``kernel`` package.
+
+    python -m kernel testdisk OUT --marker M [--size-mib 16]
+    python -m kernel rescue OUTDIR
+    python -m kernel iso --out OUT [--cmdline "..."] [--kernel K --initrd I]
+
+``iso`` without ``--kernel/--initrd`` packs the rescue system. Failures print one line on stderr
+(``kernel: error: ...``) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from kernel.initramfs import KernelBuildError
+from kernel.iso import build_iso
+from kernel.rescue import RESCUE_CMDLINE, build_rescue
+from kernel.testdisk import build_boot_disk
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kernel", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("testdisk", help="build a tiny bootable raw test disk")
+    t.add_argument("out", type=Path)
+    t.add_argument("--marker", required=True, help="printed by the guest as '<M> BOOTED'")
+    t.add_argument("--size-mib", type=int, default=16)
+
+    r = sub.add_parser("rescue", help="build the rescue kernel + initramfs into OUTDIR")
+    r.add_argument("outdir", type=Path)
+
+    i = sub.add_parser("iso", help="build a hybrid bootable ISO")
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--cmdline", default=RESCUE_CMDLINE)
+    i.add_argument("--kernel", type=Path, help="default: the rescue kernel")
+    i.add_argument("--initrd", type=Path, help="default: the rescue initramfs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "testdisk":
+            build_boot_disk(args.out, marker=args.marker, size_mib=args.size_mib)
+            print(args.out)
+        elif args.command == "rescue":
+            kernel, initrd = build_rescue(args.outdir)
+            print(kernel)
+            print(initrd)
+        elif args.command == "iso":
+            if (args.kernel is None) != (args.initrd is None):
+                raise KernelBuildError("give both --kernel and --initrd, or neither")
+            if args.kernel is None:
+                with tempfile.TemporaryDirectory(prefix="rescue-") as td:
+                    kernel, initrd = build_rescue(Path(td))
+                    build_iso(args.out, kernel, initrd, args.cmdline)
+            else:
+                build_iso(args.out, args.kernel, args.initrd, args.cmdline)
+            print(args.out)
+    except (KernelBuildError, OSError) as exc:
+        print(f"kernel: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The bare-metal restore rescue system: Debian's kernel + a busybox/nbdcopy initramfs.
+
+This module owns the rescue initramfs and its restore protocol. The rescue system boots (PXE,
+ISO, ``-kernel``), prints ``RESCUE READY``, and reads its restore order from the kernel command
+line:
+
+=====================  ==========================================================================
+``restore.src=URI``    NBD URI of the backup point, e.g. ``nbd://10.0.2.2:10809/export``.
+                       Absent: no restore, a shell is started on the console.
+``restore.dst=DEV``    local block device to overwrite (default ``/dev/sda``).
+``restore.zero=1``     the destination is known to be all zeroes (a new/blank disk): nbdcopy gets
+                       ``--destination-is-zero`` and skips every hole/zero extent the server
+                       reports with NBD block status. Default 0: zero extents are written as
+                       zeroes (efficiently, ``BLKZEROOUT``), which is correct on a used disk.
+``restore.reboot=1``   ``reboot -f`` after the restore (success or failure). Default 0: shell.
+``restore.ip=dhcp``    how to configure the network; only ``dhcp`` (``udhcpc``) is supported.
+=====================  ==========================================================================
+
+The restore brings up every network interface driver it carries (virtio_net, e1000, e1000e),
+runs DHCP on the first interface that gets a lease, then ``nbdinfo --size`` and
+``nbdcopy --flush SRC DST``, and prints ``RESTORE OK <bytes>`` or ``RESTORE FAILED <reason>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from kernel.initramfs import (
+    BootFiles,
+    CpioWriter,
+    KernelBuildError,
+    ModuleTree,
+    add_base_layout,
+    add_busybox,
+    add_modules,
+    copy_into,
+    file_fingerprint,
+    find_kernel,
+    require_tool,
+    shared_libraries,
+    write_cached,
+)
+from kernel.testdisk import DISK_MODULES
+
+log = logging.getLogger(__name__)
+
+RESCUE_CMDLINE = "console=ttyS0 panic=-1 quiet"
+RESCUE_MODULES = (*DISK_MODULES, "ahci", "nvme", "virtio_net", "e1000", "e1000e")
+#: Dynamically linked tools copied with their libraries and the loader.
+RESCUE_BINARIES = ("nbdcopy", "nbdinfo")
+
+UDHCPC_SCRIPT = r"""#!/bin/sh
+# udhcpc event script (kernel/rescue.py): configure the interface, default route and DNS.
+case "$1" in
+    deconfig)
+        ip -4 addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ip -4 addr flush dev "$interface"
+        ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+        if [ -n "$router" ]; then
+            while route del default gw 0.0.0.0 dev "$interface" 2>/dev/null; do :; done
+            for r in $router; do route add default gw "$r" dev "$interface"; break; done
+        fi
+        : > /etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+        echo "DHCP $interface $ip router ${router:-none}"
+        ;;
+esac
+exit 0
+"""
+
+INIT_SCRIPT = r"""#!/bin/sh
+# DR Appliance rescue init (kernel/rescue.py)
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+export HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+src=
+dst=/dev/sda
+zero=0
+do_reboot=0
+ipmode=dhcp
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        restore.src=*) src="${arg#restore.src=}" ;;
+        restore.dst=*) dst="${arg#restore.dst=}" ;;
+        restore.zero=*) zero="${arg#restore.zero=}" ;;
+        restore.reboot=*) do_reboot="${arg#restore.reboot=}" ;;
+        restore.ip=*) ipmode="${arg#restore.ip=}" ;;
+    esac
+done
+while read -r mod; do insmod "$mod" 2>/dev/null; done < /lib/modules/load.order
+ip link set lo up
+hostname rescue
+echo "RESCUE READY"
+
+fail() { echo "RESTORE FAILED $*"; return 1; }
+
+network_up() {
+    [ "$ipmode" = dhcp ] || { fail "unsupported restore.ip=$ipmode"; return 1; }
+    i=0
+    while [ $i -lt 100 ]; do
+        for n in /sys/class/net/*; do
+            n=${n##*/}
+            [ "$n" = lo ] && continue
+            ip link set "$n" up 2>/dev/null
+            if udhcpc -i "$n" -n -q -t 5 -T 1 -s /usr/share/udhcpc/default.script; then
+                return 0
+            fi
+        done
+        sleep 0.2
+        i=$((i + 1))
+    done
+    fail "no network (DHCP)"
+}
+
+restore() {
+    i=0
+    while [ ! -b "$dst" ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -b "$dst" ] || { fail "no block device $dst"; return 1; }
+    network_up || return 1
+    size=$(nbdinfo --size "$src") || { fail "cannot reach $src"; return 1; }
+    echo "RESTORE START $src -> $dst ($size bytes)"
+    flags=--flush
+    [ "$zero" = 1 ] && flags="$flags --destination-is-zero"
+    nbdcopy $flags "$src" "$dst" || { fail "nbdcopy exited $?"; return 1; }
+    sync
+    echo "RESTORE OK $size"
+}
+
+if [ -n "$src" ]; then
+    restore
+    if [ "$do_reboot" = 1 ]; then
+        sync
+        reboot -f
+    fi
+else
+    echo "no restore.src on the kernel command line: starting a shell"
+fi
+while :; do setsid cttyhack sh -l; sleep 1; done
+"""
+
+
+def restore_cmdline(
+    src: str, *, dst: str = "/dev/sda", zero: bool = False, reboot: bool = True
+) -> str:
+    """Full kernel command line for an unattended restore of ``src`` onto ``dst``."""
+    if not src.startswith(("nbd://", "nbds://", "nbd+unix://")) or any(c.isspace() for c in src):
+        raise KernelBuildError(f"bad restore source {src!r}: expected an nbd:// URI")
+    if any(c.isspace() for c in dst):
+        raise KernelBuildError(f"bad restore destination {dst!r}")
+    return (
+        f"{RESCUE_CMDLINE} restore.src={src} restore.dst={dst} "
+        f"restore.zero={int(zero)} restore.reboot={int(reboot)}"
+    )
+
+
+def build_rescue_initramfs(*, compress: bool = True) -> BootFiles:
+    """Debian's kernel and the (cached) rescue initramfs."""
+    kernel, version = find_kernel()
+    tree = ModuleTree.load(version)
+    order = tree.load_order(RESCUE_MODULES)
+    binaries = [Path(require_tool(b, "libnbd-bin")) for b in RESCUE_BINARIES]
+    libs: dict[Path, None] = {}
+    for b in binaries:
+        libs.update(dict.fromkeys(shared_libraries(b)))
+    inputs = [Path("/bin/busybox"), *binaries, *libs]
+    key = [
+        INIT_SCRIPT,
+        UDHCPC_SCRIPT,
+        version,
+        *(file_fingerprint(p) for p in inputs),
+        *(file_fingerprint(tree.root / rel) for rel in order),
+    ]
+
+    def build() -> bytes:
+        cpio = CpioWriter()
+        add_base_layout(cpio)
+        add_busybox(cpio)
+        add_modules(cpio, tree, RESCUE_MODULES)
+        for b in binaries:
+            cpio.copy(f"usr/bin/{b.name}", b, 0o755)
+        for lib in libs:
+            cpio.copy(str(lib), lib, 0o755)
+        cpio.file("usr/share/udhcpc/default.script", UDHCPC_SCRIPT.encode(), 0o755)
+        cpio.file("etc/hosts", b"127.0.0.1 localhost\n")
+        cpio.file("etc/resolv.conf", b"")
+        cpio.file("etc/profile", b"export PS1='rescue# '\n")
+        cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+        return cpio.finish()
+
+    initrd = write_cached(key, "rescue", build, compress=compress)
+    return BootFiles(kernel=kernel, initrd=initrd)
+
+
+def build_rescue(out_dir: Path) -> tuple[Path, Path]:
+    """Copy the rescue kernel and initramfs to ``out_dir/vmlinuz`` and ``out_dir/initrd.img``."""
+    boot = build_rescue_initramfs()
+    out_dir = Path(out_dir)
+    kernel = out_dir / "vmlinuz"
+    initrd = out_dir / "initrd.img"
+    copy_into(boot.kernel, kernel)
+    copy_into(boot.initrd, initrd)
+    log.info("rescue system in %s (kernel %s)", out_dir, shlex.quote(str(boot.kernel)))
+    return kernel, initrd

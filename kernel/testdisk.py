@@ -1,0 +1,224 @@
+"""Tiny bootable test disks: MBR + syslinux + FAT16 with Debian's kernel and a busybox initramfs.
+
+This module owns the test-disk format that other packages' VM tests boot (from a raw file, NBD,
+iSCSI, ...) to prove that a disk image made it through backup/restore intact.
+
+Disk layout (``size_mib`` MiB, 512-byte sectors, ``S = size_mib * 2048`` sectors):
+
+* LBA 0: syslinux ``mbr.bin`` boot code + a DOS partition table,
+* LBA 2048 .. S-2049: partition 1 (type 0x06, bootable), FAT16 holding ``vmlinuz``,
+  ``initrd.gz``, ``syslinux.cfg`` and syslinux's ``ldlinux.sys``/``ldlinux.c32``,
+* the last MiB is unpartitioned; the guest writes its pattern at ``LBA = S - 64``.
+
+The guest's ``/init`` (busybox ``sh``) takes its parameters from the kernel command line, so one
+cached initramfs serves every marker:
+
+* ``testdisk.marker=M`` — printed as ``M BOOTED`` and ``M DONE``,
+* ``testdisk.read=N`` (default 0) — sector ``2048 + N`` is read and printed as ``READ <sha256>``.
+
+Then it writes :func:`guest_pattern` (``GUEST-WROTE-<marker>\\n`` repeated, 512 bytes) to
+``S - 64``, runs ``sync``, prints ``WROTE <lba>`` and ``M DONE``, and powers off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kernel.initramfs import (
+    BootFiles,
+    CpioWriter,
+    KernelBuildError,
+    ModuleTree,
+    add_base_layout,
+    add_busybox,
+    add_modules,
+    file_fingerprint,
+    find_kernel,
+    require_tool,
+    write_cached,
+)
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+PARTITION_START_LBA = 2048
+#: The guest writes its pattern this many sectors before the end of the disk.
+GUEST_WRITE_FROM_END = 64
+MIN_SIZE_MIB = 12
+BASE_CMDLINE = "console=ttyS0 panic=-1 quiet"
+MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+
+#: Storage drivers the test initramfs loads (plus deps). Softdeps of crc_t10dif / crc64_rocksoft
+#: come first so ``sd_mod`` does not ask for a usermode ``modprobe``.
+DISK_MODULES = (
+    "crct10dif_generic",
+    "crc64_rocksoft_generic",
+    "scsi_mod",
+    "sd_mod",
+    "libata",
+    "ata_piix",
+    "ata_generic",
+    "virtio_pci",
+    "virtio_blk",
+)
+
+_MARKER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+INIT_SCRIPT = r"""#!/bin/sh
+# DR Appliance test-disk init (kernel/testdisk.py)
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+marker=UNKNOWN
+read_n=0
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        testdisk.marker=*) marker="${arg#testdisk.marker=}" ;;
+        testdisk.read=*) read_n="${arg#testdisk.read=}" ;;
+    esac
+done
+echo "$marker BOOTED"
+while read -r mod; do insmod "$mod" 2>/dev/null; done < /lib/modules/load.order
+dev=
+i=0
+while [ -z "$dev" ] && [ $i -lt 150 ]; do
+    for d in vda sda; do [ -b "/dev/$d" ] && dev=$d; done
+    [ -n "$dev" ] || sleep 0.1
+    i=$((i + 1))
+done
+if [ -z "$dev" ]; then
+    echo "$marker NO DISK"
+    poweroff -f
+fi
+sectors=$(cat "/sys/block/$dev/size")
+hex=$(dd if="/dev/$dev" bs=512 skip=$((2048 + read_n)) count=1 2>/dev/null | sha256sum)
+echo "READ ${hex%% *}"
+lba=$((sectors - 64))
+yes "GUEST-WROTE-$marker" | head -c 512 > /tmp/pattern
+dd if=/tmp/pattern of="/dev/$dev" bs=512 seek=$lba count=1 conv=notrunc,fsync 2>/dev/null
+sync
+echo "WROTE $lba"
+echo "$marker DONE"
+poweroff -f
+"""
+
+
+def _check_marker(marker: str) -> None:
+    if not _MARKER_RE.match(marker):
+        raise KernelBuildError(
+            f"bad marker {marker!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -"
+        )
+
+
+def guest_pattern(marker: str) -> bytes:
+    """The 512 bytes the guest writes: ``GUEST-WROTE-<marker>\\n`` repeated and truncated."""
+    line = f"GUEST-WROTE-{marker}\n".encode()
+    return (line * (SECTOR // len(line) + 1))[:SECTOR]
+
+
+def guest_write_lba(disk_bytes: int) -> int:
+    """LBA of the sector the guest writes on a disk of ``disk_bytes``."""
+    return disk_bytes // SECTOR - GUEST_WRITE_FROM_END
+
+
+def marker_cmdline(marker: str, read_n: int = 0) -> str:
+    """Kernel command line for the test initramfs (for ``-kernel/-initrd/-append`` boots too)."""
+    _check_marker(marker)
+    extra = f" testdisk.read={int(read_n)}" if read_n else ""
+    return f"{BASE_CMDLINE} testdisk.marker={marker}{extra}"
+
+
+def build_initramfs() -> BootFiles:
+    """Debian's kernel and the (cached) test initramfs; the marker comes from the cmdline."""
+    kernel, version = find_kernel()
+    tree = ModuleTree.load(version)
+    order = tree.load_order(DISK_MODULES)
+    key = [
+        INIT_SCRIPT,
+        file_fingerprint(Path("/bin/busybox")),
+        version,
+        *(file_fingerprint(tree.root / rel) for rel in order),
+    ]
+
+    def build() -> bytes:
+        cpio = CpioWriter()
+        add_base_layout(cpio)
+        add_busybox(cpio)
+        add_modules(cpio, tree, DISK_MODULES)
+        cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+        return cpio.finish()
+
+    initrd = write_cached(key, "testdisk", build, compress=True)
+    return BootFiles(kernel=kernel, initrd=initrd)
+
+
+def _run(cmd: list[str], *, stdin: str | None = None) -> None:
+    log.debug("run %s", cmd)
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise KernelBuildError(
+            f"{Path(cmd[0]).name} failed ({proc.returncode}): {detail[-1] if detail else ''}"
+        )
+
+
+def build_boot_disk(out: Path, *, marker: str, size_mib: int = 16) -> None:
+    """Write a bootable raw disk image of ``size_mib`` MiB to ``out`` (see module docstring)."""
+    _check_marker(marker)
+    if size_mib < MIN_SIZE_MIB:
+        raise KernelBuildError(f"size_mib must be >= {MIN_SIZE_MIB}, got {size_mib}")
+    mkfs = require_tool("mkfs.vfat", "dosfstools")
+    mcopy = require_tool("mcopy", "mtools")
+    syslinux = require_tool("syslinux", "syslinux")
+    sfdisk = require_tool("sfdisk", "fdisk")
+    if not MBR_BIN.is_file():
+        raise KernelBuildError(f"{MBR_BIN} missing (apt-get install syslinux-common)")
+    boot = build_initramfs()
+
+    total = size_mib * 2048
+    part_sectors = total - PARTITION_START_LBA - 2048
+    volume_id = hashlib.sha256(marker.encode()).hexdigest()[:8]
+    cfg = (
+        "DEFAULT linux\nPROMPT 0\nTIMEOUT 0\n"
+        f"LABEL linux\n  KERNEL /vmlinuz\n  INITRD /initrd.gz\n"
+        f"  APPEND {marker_cmdline(marker)}\n"
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".testdisk-") as td:
+        tmp = Path(td)
+        fat = tmp / "fat.img"
+        _run([
+            mkfs, "-C", "-F", "16", "-h", str(PARTITION_START_LBA), "-i", volume_id,
+            "-n", "DRTESTDISK", str(fat), str(part_sectors // 2),
+        ])  # fmt: skip
+        (tmp / "syslinux.cfg").write_text(cfg)
+        for src, name in ((boot.kernel, "vmlinuz"), (boot.initrd, "initrd.gz"),
+                          (tmp / "syslinux.cfg", "syslinux.cfg")):  # fmt: skip
+            _run([mcopy, "-i", str(fat), "-o", str(src), f"::/{name}"])
+        _run([syslinux, "--install", str(fat)])
+
+        disk = tmp / "disk.img"
+        with disk.open("wb") as f:
+            f.truncate(total * SECTOR)
+        _run(
+            [sfdisk, "--no-reread", "--no-tell-kernel", "-q", str(disk)],
+            stdin=(
+                f"label: dos\nlabel-id: 0x{volume_id}\n"
+                f"start={PARTITION_START_LBA}, size={part_sectors}, type=6, bootable\n"
+            ),
+        )
+        with disk.open("r+b") as f, fat.open("rb") as src_f:
+            f.seek(PARTITION_START_LBA * SECTOR)
+            while chunk := src_f.read(1 << 20):
+                f.write(chunk)
+            f.seek(0)
+            f.write(MBR_BIN.read_bytes()[:440])
+        disk.replace(out)
+    log.info("built test disk %s (%d MiB, marker %s)", out, size_mib, marker)

@@ -1,0 +1,173 @@
+"""VM tests for kernel/: the test disk, the rescue ISO, and a full bare-metal restore over NBD.
+
+Each guest is Debian's kernel under QEMU TCG (about 6-10 s per boot here); every boot is bounded by
+a timeout and every process (QEMU, qemu-nbd) is stopped by PID, even on failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from vmutil import free_tcp_port, managed_process, run_qemu, wait_tcp
+
+from kernel.iso import build_iso
+from kernel.rescue import RESCUE_CMDLINE, restore_cmdline
+from kernel.testdisk import (
+    PARTITION_START_LBA,
+    SECTOR,
+    build_boot_disk,
+    guest_pattern,
+    guest_write_lba,
+)
+
+log = logging.getLogger(__name__)
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+BOOT_TIMEOUT_S = 90
+FAIL_ON = ("Kernel panic", "No bootable device", "RESTORE FAILED", "NO DISK")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_sector(path: Path, lba: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(lba * SECTOR)
+        return f.read(SECTOR)
+
+
+def boot_test_disk(disk: Path, marker: str, log_path: Path) -> str:
+    """Boot a test disk from a raw file until it powers off; check its output; return the log."""
+    expected_read = hashlib.sha256(read_sector(disk, PARTITION_START_LBA)).hexdigest()
+    result = run_qemu(
+        ["-drive", f"file={disk},format=raw,if=ide"],
+        serial_log=log_path,
+        wait_for=f"{marker} DONE",
+        fail_on=FAIL_ON,
+        timeout_s=BOOT_TIMEOUT_S,
+        expect_exit=True,
+    )
+    log.info("test disk %s: DONE after %.1fs", marker, result.elapsed_s)
+    assert f"{marker} BOOTED" in result.log
+    assert f"READ {expected_read}" in result.log
+    lba = guest_write_lba(disk.stat().st_size)
+    assert f"WROTE {lba}" in result.log
+    assert read_sector(disk, lba) == guest_pattern(marker)
+    return result.log
+
+
+def test_testdisk_boots_from_raw_file(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    build_boot_disk(disk, marker="TD1")
+    before = disk.read_bytes()
+    boot_test_disk(disk, "TD1", tmp_path / "serial.log")
+    after = disk.read_bytes()
+    lba = guest_write_lba(len(before))
+    # the guest changed exactly its one sector
+    assert before[: lba * SECTOR] == after[: lba * SECTOR]
+    assert before[(lba + 1) * SECTOR :] == after[(lba + 1) * SECTOR :]
+
+
+def test_rescue_iso_boots_from_cdrom(tmp_path: Path, rescue_files: tuple[Path, Path]) -> None:
+    kernel, initrd = rescue_files
+    iso = tmp_path / "rescue.iso"
+    build_iso(iso, kernel, initrd, RESCUE_CMDLINE)
+    result = run_qemu(
+        ["-cdrom", str(iso)],
+        serial_log=tmp_path / "serial.log",
+        wait_for="starting a shell",
+        fail_on=FAIL_ON,
+        timeout_s=BOOT_TIMEOUT_S,
+    )
+    log.info("rescue ISO: shell after %.1fs", result.elapsed_s)
+    assert "RESCUE READY" in result.log
+    assert "ISOLINUX" in result.log
+
+
+needs_qemu_nbd = pytest.mark.skipif(
+    shutil.which("qemu-nbd") is None, reason="qemu-nbd (qemu-utils) missing"
+)
+
+
+@needs_qemu_nbd
+@pytest.mark.parametrize("zero", [True, False], ids=["dest-is-zero", "dest-dirty"])
+def test_rescue_restores_disk_over_nbd(
+    tmp_path: Path, rescue_files: tuple[Path, Path], zero: bool
+) -> None:
+    kernel, initrd = rescue_files
+    source = tmp_path / "source.img"
+    build_boot_disk(source, marker="RESTORED")
+    source_sha = sha256_file(source)
+    size = source.stat().st_size
+    target = tmp_path / "target.img"
+    with target.open("wb") as f:
+        f.truncate(size)
+        if not zero:  # a used disk: garbage everywhere, nbdcopy must zero the holes
+            f.write(b"\xa5" * size)
+
+    port = free_tcp_port()
+    nbd_cmd = [
+        "qemu-nbd", "--read-only", "--persistent", "--shared=8", "--format=raw",
+        "--export-name=point", "--bind=127.0.0.1", f"--port={port}", str(source),
+    ]  # fmt: skip
+    with managed_process(nbd_cmd, log_path=tmp_path / "qemu-nbd.log") as nbd:
+        wait_tcp("127.0.0.1", port)
+        qemu_args = [
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", restore_cmdline(f"nbd://10.0.2.2:{port}/point", zero=zero),
+            "-drive", f"file={target},format=raw,if=ide",
+            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+        ]  # fmt: skip
+        result = run_qemu(
+            qemu_args,
+            serial_log=tmp_path / "rescue.log",
+            wait_for="RESTORE OK",
+            fail_on=FAIL_ON,
+            timeout_s=BOOT_TIMEOUT_S,
+            expect_exit=True,  # restore.reboot=1 + -no-reboot: QEMU exits
+        )
+        assert nbd.poll() is None, "qemu-nbd died during the restore"
+    log.info("rescue restore: RESTORE OK after %.1fs", result.elapsed_s)
+    m = re.search(r"RESTORE OK (\d+)", result.log)
+    assert m and int(m.group(1)) == size
+    assert sha256_file(target) == source_sha
+    if zero:  # --destination-is-zero: zero extents were skipped, the target stayed sparse
+        assert target.stat().st_blocks * 512 < size
+
+    boot_test_disk(target, "RESTORED", tmp_path / "target.log")
+
+
+def test_rescue_reports_failure_and_reboots(
+    tmp_path: Path, rescue_files: tuple[Path, Path]
+) -> None:
+    kernel, initrd = rescue_files
+    target = tmp_path / "target.img"
+    with target.open("wb") as f:
+        f.truncate(16 << 20)
+    port = free_tcp_port()  # nothing listens there
+    qemu_args = [
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", restore_cmdline(f"nbd://10.0.2.2:{port}/point"),
+        "-drive", f"file={target},format=raw,if=ide",
+        "-netdev", "user,id=n0", "-device", "e1000,netdev=n0",
+    ]  # fmt: skip
+    result = run_qemu(
+        qemu_args,
+        serial_log=tmp_path / "rescue.log",
+        wait_for="RESTORE FAILED",
+        timeout_s=BOOT_TIMEOUT_S,
+        expect_exit=True,
+    )
+    assert "RESTORE OK" not in result.log
+    assert "DHCP eth0" in result.log  # the e1000 driver came up
