@@ -34,9 +34,11 @@ from ._maint import (
     GcReport,
     RebuildReport,
     VerifyReport,
+    delete_point,
     gc,
     parse_until,
     point_refs,
+    protected_points,
     prune_plan,
     rebuild_index,
     stats,
@@ -55,6 +57,7 @@ from ._overlay import (
     overlay_catalogue_lock,
     overlay_info,
     overlays_on,
+    sync_overlays,
 )
 from ._repo import Point, PutResult, Repository, split_ref
 from .errors import (
@@ -108,6 +111,7 @@ __all__ = [
     "backup_tree",
     "commit_overlay",
     "create_overlay",
+    "delete_point",
     "disk_readers",
     "drop_overlay",
     "gc",
@@ -120,12 +124,14 @@ __all__ = [
     "parse_size",
     "parse_until",
     "point_refs",
+    "protected_points",
     "prune_plan",
     "rebuild_index",
     "restore_image",
     "restore_tree",
     "split_ref",
     "stats",
+    "sync_overlays",
     "synthesize",
     "verify",
 ]

@@ -22,9 +22,17 @@ import msgpack
 
 from ._imagepoint import block_map, worker_count
 from ._index import Index, point_key
+from ._overlay import list_overlays, overlay_catalogue_lock, overlays_on
 from ._pack import pack_path, scan_pack
 from ._repo import Point, Repository
-from .errors import ChunkCorrupt, ChunkMissing, FormatError, InvalidArgument, StoreError
+from .errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    FormatError,
+    InvalidArgument,
+    Locked,
+    StoreError,
+)
 from .formats import PACK_SUFFIX, ZERO_ID, ChunkId, Kind
 
 log = logging.getLogger(__name__)
@@ -155,6 +163,20 @@ def _point_problem(repo: Repository, p: Point, rep: VerifyReport, check_chunks: 
     except (ChunkMissing, ChunkCorrupt, FormatError) as exc:
         return f"index structure damaged: {exc}"
     return None
+
+
+def delete_point(repo: Repository, point: Point) -> None:
+    """Delete a point unless it is locked or an overlay stands on it."""
+    with overlay_catalogue_lock(repo):
+        users = overlays_on(repo, point.name)
+        if users:
+            raise Locked(f"{point.name} has overlays ({', '.join(users)}): drop them first")
+        repo.delete_point(point)
+
+
+def protected_points(repo: Repository) -> set[str]:
+    """Points that overlays stand on (prune keeps them)."""
+    return {ov.base for ov in list_overlays(repo)}
 
 
 # -- prune --------------------------------------------------------------------------------

@@ -314,18 +314,6 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overlay_protected(repo: ds.Repository) -> set[str]:
-    fn = getattr(ds, "list_overlays", None)
-    if fn is None:
-        return set()
-    out = set()
-    for ov in fn(repo):
-        base = getattr(ov, "base", None) or getattr(ov, "point", None)
-        if base:
-            out.add(str(base))
-    return out
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     keep = {
         f"keep_{r}": getattr(args, f"keep_{r}")
@@ -333,14 +321,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     report: dict[str, Any] = {"kept": [], "deleted": [], "dry_run": args.dry_run}
     with open_repo(args, writable=not args.dry_run) as repo:
-        protected = _overlay_protected(repo)
+        protected = ds.protected_points(repo)
         sources = [args.source] if args.source else repo.sources()
         for source in sources:
             kept, gone = ds.prune_plan(repo.list_points(source), protected=protected, **keep)
             report["kept"] += [{"point": p.name, "reason": why} for p, why in kept]
             for p in gone:
                 if not args.dry_run:
-                    repo.delete_point(p)
+                    ds.delete_point(repo, p)
                 report["deleted"].append(p.name)
     if args.json:
         emit_json(report)
@@ -366,9 +354,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     with open_repo(args, writable=True) as repo:
         p = repo.resolve(args.point)
-        if p.name in _overlay_protected(repo):
-            raise UserError(f"{p.name} has overlays: drop them first")
-        repo.delete_point(p)
+        ds.delete_point(repo, p)
     print(f"deleted {p.name}; run 'appliance gc' to reclaim the space")
     return 0
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import flip_byte, make_image, run_cli, sha256_file
+from testlib import flip_byte, make_image, run_cli, sha256_file
 
 PW = {"APPLIANCE_PASSPHRASE": "correct horse"}
 

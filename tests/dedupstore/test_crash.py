@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, make_image, run_cli, sha256_file
+from testlib import BIN, make_image, run_cli, sha256_file
 
 from dedupstore import Repository, verify
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_image, sha256_file
+from testlib import make_image, sha256_file
 
 from dedupstore import (
     InvalidArgument,

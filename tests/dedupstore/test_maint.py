@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import flip_byte, make_image, sha256_file
+from testlib import flip_byte, make_image, sha256_file
 
 from dedupstore import (
     Locked,
