@@ -22,6 +22,7 @@ from typing import Any
 import lmdb
 import msgpack
 
+from .errors import OutOfSpace, StoreError
 from .formats import CHUNK_LOC, ChunkId
 
 MAP_SIZE = 1 << 40  # virtual; the file grows only as needed
@@ -188,7 +189,31 @@ class Index:
         delete_packs: Iterable[int] = (),
         only_new_chunks: bool = False,
     ) -> None:
-        """Apply one atomic, durable change (LMDB commit with fsync)."""
+        """Apply one atomic, durable change (LMDB commit with fsync).
+
+        Raises OutOfSpace when the disk is full, StoreError for other LMDB failures; the
+        transaction is then aborted and nothing of it is visible.
+        """
+        try:
+            self._commit(
+                chunks, packs, points, meta, files, delete_chunks, delete_packs, only_new_chunks
+            )
+        except lmdb.Error as exc:
+            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+                raise OutOfSpace(f"index: no space left on device ({exc})") from exc
+            raise StoreError(f"index write failed: {exc}") from exc
+
+    def _commit(
+        self,
+        chunks: Iterable[tuple[bytes, Loc]],
+        packs: Iterable[tuple[int, dict[str, Any]]],
+        points: Iterable[tuple[bytes, dict[str, Any] | None]],
+        meta: Iterable[tuple[str, Any]],
+        files: Iterable[tuple[bytes, dict[str, Any] | None]],
+        delete_chunks: Iterable[bytes],
+        delete_packs: Iterable[int],
+        only_new_chunks: bool,
+    ) -> None:
         with self.env.begin(write=True) as txn:
             for cid, loc in chunks:
                 txn.put(cid, CHUNK_LOC.pack(*loc), db=self.chunks, overwrite=not only_new_chunks)

@@ -266,6 +266,13 @@ def gc(
     """
     repo._need_writer()
     rep = GcReport()
+    if not dry_run:
+        # Unfinished packs the writer could not index (e.g. the disk was full): drop them
+        # first, which also frees the room the index commits below need.
+        for path in repo.orphan_packs():
+            log.warning("deleting unindexed pack %s", path.name)
+            path.unlink()
+            rep.packs_deleted += 1
     live: set[bytes] = set()
     for p in repo.list_points():
         live.update(point_refs(repo, p))

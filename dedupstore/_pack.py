@@ -8,6 +8,7 @@ only deleted whole by compaction.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -92,7 +93,7 @@ class PackWriter:
                 n = os.write(self._fd, view)
                 view = view[n:]
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
+            if exc.errno == errno.ENOSPC:
                 raise OutOfSpace(f"no space left writing {self.path}") from exc
             raise
 
@@ -120,11 +121,17 @@ class PackWriter:
         footer = PACK_FOOTER.pack(FOOTER_MAGIC, len(self.entries), self.size, zlib.crc32(table))
         self._write(table)
         self._write(footer)
-        self._drain()
-        self.size += len(table) + len(footer)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        try:
+            self._drain()
+            self.size += len(table) + len(footer)
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OutOfSpace(f"no space left sealing {self.path}") from exc
+            raise
+        finally:
+            os.close(self._fd)
+            self._fd = -1
         _fsync_dir(self.path.parent)
         return self.entries
 
@@ -133,6 +140,9 @@ class PackWriter:
         if self._fd >= 0:
             try:
                 self._drain()
+            except (OSError, OutOfSpace) as exc:  # best effort: we are already failing
+                log.warning("could not flush unsealed pack %s: %s", self.path, exc)
+                self._buf.clear()
             finally:
                 os.close(self._fd)
                 self._fd = -1

@@ -39,6 +39,7 @@ from .errors import (
     InvalidArgument,
     Locked,
     NotFound,
+    OutOfSpace,
     ReadOnly,
     StoreError,
 )
@@ -231,7 +232,14 @@ class Repository:
             max_id = max(max_id, pid)
             if pid in known:
                 continue
-            self._salvage(path)
+            try:
+                self._salvage(path)
+            except OutOfSpace:
+                log.warning(
+                    "disk full: cannot index the unfinished pack %s; "
+                    "'appliance gc' deletes it to free space",
+                    path.name,
+                )
         next_id = self.index.get_meta("next_pack") or 1
         if next_id <= max_id:
             self.index.commit(meta=[("next_pack", max_id + 1)])
@@ -312,7 +320,11 @@ class Repository:
         packs: list[tuple[int, dict[str, Any]]] = []
         if self._pending is not None:
             p, self._pending = self._pending, None
-            p.writer.seal()
+            try:
+                p.writer.seal()
+            except BaseException:
+                p.writer.abort()  # the unsealed pack stays for the next writer to salvage
+                raise
             chunks = list(p.ids.items())
             packs = [
                 (p.writer.pack_id, {"tier": p.writer.tier, "size": p.writer.size, "sealed": True})
@@ -344,6 +356,20 @@ class Repository:
                 _pid, ofd = self._fds.popitem(last=False)
                 os.close(ofd)
         return fd
+
+    def orphan_packs(self) -> list[Path]:
+        """Pack files on disk that the index does not know (not even the open one)."""
+        known = self.index.all_packs()
+        current = self._pending.writer.pack_id if self._pending is not None else None
+        out = []
+        for path in (self.root / "packs").glob(f"*/*/*{PACK_SUFFIX}"):
+            try:
+                pid = int(path.stem, 16)
+            except ValueError:
+                continue
+            if pid not in known and pid != current:
+                out.append(path)
+        return out
 
     def forget_pack_fd(self, pack_id: int) -> None:
         with self._fd_lock:
