@@ -611,38 +611,58 @@ def restore_tree(
     ]
     first_path: dict[int, Path] = {}
     dirs: list[tuple[Path, TreeEntry]] = []
+    links: list[tuple[Path, int]] = []
     total = sum(e.size for e in entries if e.kind == "file")
     done = 0
-    for e in entries:
-        rel = e.path[len(prefix) :].lstrip("/") if prefix else e.path
-        target = dest / rel if rel else dest
-        if top.kind != "dir" and e.path == prefix:
-            target = dest
-        if e.kind == "dir":
-            target.mkdir(exist_ok=True)
-            dirs.append((target, e))
-            continue
-        if target.is_symlink() or target.exists():
-            target.unlink()
-        if e.ino in first_path and e.kind != "dir":
-            os.link(first_path[e.ino], target)
-            continue
-        if e.kind == "file":
-            _restore_file(tree, e, target)
-            done += e.size
+
+    def write_file(e: TreeEntry, target: Path) -> int:
+        _restore_file(tree, e, target)
+        _apply_meta(target, e, is_root)
+        return e.size
+
+    # Files are written on a pool (decompression and writes overlap across cores); the
+    # namespace (dirs, links, specials) is created in order on this thread.
+    with ThreadPoolExecutor(worker_count(), thread_name_prefix="restore") as pool:
+        futs: deque[Future[int]] = deque()
+        for e in entries:
+            rel = e.path[len(prefix) :].lstrip("/") if prefix else e.path
+            target = dest / rel if rel else dest
+            if top.kind != "dir" and e.path == prefix:
+                target = dest
+            if e.kind == "dir":
+                target.mkdir(exist_ok=True)
+                dirs.append((target, e))
+                continue
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            if e.ino in first_path:
+                links.append((target, e.ino))
+                continue
+            first_path[e.ino] = target
+            if e.kind == "file":
+                futs.append(pool.submit(write_file, e, target))
+                while len(futs) > 8 * worker_count() or (futs and futs[0].done()):
+                    done += futs.popleft().result()
+                    if progress:
+                        progress(done, total)
+                continue
+            if e.kind == "symlink":
+                os.symlink(e.target or "", target)
+            elif e.kind == "fifo":
+                os.mkfifo(target, stat.S_IMODE(e.mode))
+            elif e.kind in ("chr", "blk") and is_root:
+                os.mknod(target, e.mode, e.rdev)
+            else:
+                log.info("not restoring %s %s", e.kind, e.path)
+                del first_path[e.ino]
+                continue
+            _apply_meta(target, e, is_root)
+        while futs:
+            done += futs.popleft().result()
             if progress:
                 progress(done, total)
-        elif e.kind == "symlink":
-            os.symlink(e.target or "", target)
-        elif e.kind == "fifo":
-            os.mkfifo(target, stat.S_IMODE(e.mode))
-        elif e.kind in ("chr", "blk") and is_root:
-            os.mknod(target, e.mode, e.rdev)
-        else:
-            log.info("not restoring %s %s", e.kind, e.path)
-            continue
-        first_path[e.ino] = target
-        _apply_meta(target, e, is_root)
+    for target, ino in links:
+        os.link(first_path[ino], target)
     for target, e in reversed(dirs):
         _apply_meta(target, e, is_root)
     return len(entries)
