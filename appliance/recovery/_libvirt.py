@@ -1,0 +1,152 @@
+"""libvirt backend: a transient-free, defined domain whose disks are NBD network disks.
+
+Owns the domain XML for a session (`type='qemu'` for TCG, `kvm` with `--accel kvm`; one
+`<disk type='network'><source protocol='nbd' name='overlay/S/diskN'>` per disk; serial console
+to the session's log file) and define/start/destroy/undefine. Imports `libvirt` lazily so the
+rest of the package works without it. Must not start libvirtd (the host or a test does).
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from ._state import BootRequest, SessionError
+
+log = logging.getLogger(__name__)
+
+_DISK_TARGETS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _memory_kib(text: str) -> int:
+    units = {"K": 1, "M": 1024, "G": 1024 * 1024}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text) * 1024  # plain numbers are MiB, as QEMU's -m
+
+
+def domain_name(session: str) -> str:
+    return f"recovery-{session}"
+
+
+def domain_xml(req: BootRequest, *, nbd_host: str, nbd_port: int, exports: dict[str, str]) -> str:
+    """Domain XML for the session (see module docstring)."""
+    dom = ET.Element("domain", type="kvm" if req.accel == "kvm" else "qemu")
+    ET.SubElement(dom, "name").text = domain_name(req.name)
+    ET.SubElement(dom, "memory", unit="KiB").text = str(_memory_kib(req.memory))
+    ET.SubElement(dom, "vcpu").text = str(req.cpus)
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    features = ET.SubElement(dom, "features")  # without ACPI a guest poweroff only halts
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    for i, d in enumerate(req.disks):
+        name = str(d["name"])
+        disk = ET.SubElement(devices, "disk", type="network", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw", cache="writeback")
+        src = ET.SubElement(disk, "source", protocol="nbd", name=exports[name])
+        ET.SubElement(src, "host", name=nbd_host, port=str(nbd_port))
+        bus = "ide" if req.bus == "ide" else "virtio"
+        prefix = "hd" if bus == "ide" else "vd"
+        ET.SubElement(disk, "target", dev=f"{prefix}{_DISK_TARGETS[i]}", bus=bus)
+        ET.SubElement(disk, "alias", name=f"ua-{name}")
+        if i == 0:
+            ET.SubElement(disk, "boot", order="1")
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path=req.serial_log)
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="file")
+    ET.SubElement(console, "source", path=req.serial_log)
+    ET.SubElement(console, "target", type="serial", port="0")
+    if req.vnc:
+        port = 5900 + int(req.vnc.lstrip(":").split(",")[0])
+        ET.SubElement(devices, "graphics", type="vnc", port=str(port), listen="127.0.0.1")
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _quiet(ctx: object, err: object) -> None:
+    log.debug("libvirt: %s", err)
+
+
+def connect(uri: str) -> Any:
+    try:
+        import libvirt
+    except ImportError as exc:
+        raise SessionError("libvirt-python is not installed") from exc
+    # libvirt's default handler prints every error on stderr, even the ones we handle.
+    libvirt.registerErrorHandler(_quiet, None)
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise SessionError(f"cannot connect to libvirt at {uri}: {exc}") from exc
+
+
+def define_and_start(
+    req: BootRequest, *, nbd_host: str, nbd_port: int, exports: dict[str, str]
+) -> tuple[Any, Any]:
+    """Define and start the domain; returns (connection, domain). Raises SessionError."""
+    import libvirt
+
+    assert req.libvirt_uri is not None
+    conn = connect(req.libvirt_uri)
+    xml = domain_xml(req, nbd_host=nbd_host, nbd_port=nbd_port, exports=exports)
+    log.info("defining libvirt domain %s", domain_name(req.name))
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        conn.close()
+        raise SessionError(f"libvirt refused the domain: {exc}") from exc
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        try:
+            dom.undefine()
+        finally:
+            conn.close()
+        raise SessionError(f"libvirt could not start the domain: {exc}") from exc
+    return conn, dom
+
+
+def is_active(dom: Any) -> bool:
+    import libvirt
+
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def destroy(conn: Any, dom: Any) -> None:
+    """Power the domain off (hard) and undefine it; tolerate a domain already gone."""
+    import libvirt
+
+    for op in (dom.destroy, dom.undefine):
+        try:
+            if op is dom.destroy and not dom.isActive():
+                continue
+            op()
+        except libvirt.libvirtError as exc:
+            log.info("libvirt %s: %s", op.__name__, exc)
+    try:
+        conn.close()
+    except libvirt.libvirtError as exc:
+        log.debug("closing libvirt connection: %s", exc)
+
+
+def destroy_by_name(uri: str, session: str) -> None:
+    import libvirt
+
+    conn = connect(uri)
+    try:
+        dom = conn.lookupByName(domain_name(session))
+    except libvirt.libvirtError:
+        conn.close()
+        return
+    destroy(conn, dom)
