@@ -93,6 +93,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="our CLI (default .venv/bin/appliance)",
     )
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per-step timeout")
+    p.add_argument(
+        "--mount",
+        action="store_true",
+        help="run the FUSE mount read benchmark instead (bench.mount_bench; same options)",
+    )
     args = p.parse_args(argv)
     only: set[str] = set()
     for item in args.only:
@@ -301,6 +306,11 @@ class Runner:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if "--mount" in rest:
+        from bench.mount_bench import main as mount_main
+
+        return mount_main([a for a in rest if a != "--mount"])
     args = parse_args(argv)
     workdir: Path = args.workdir.resolve()
     data = workdir / "data"
