@@ -46,7 +46,8 @@ def _needs_passphrase(root: Path) -> bool:
     try:
         import json
 
-        return json.loads((root / "config.json").read_text()).get("encryption") != "none"
+        doc = json.loads((root / "config.json").read_text())
+        return bool(doc.get("encryption") != "none")
     except (OSError, ValueError):
         return False
 

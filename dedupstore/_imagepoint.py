@@ -111,7 +111,7 @@ class _Ingest:
         self.zero_block = bytes(self.bs)
 
     def _work(
-        self, data: bytes, prev: list[tuple[bytes, bytes]] | None, used: bytes | None
+        self, data: bytes, prev: Sequence[tuple[bytes, bytes]] | None, used: bytes | None
     ) -> list[_BlockResult]:
         """Worker thread: fingerprint, hash, dedup-check, seal one batch of blocks."""
         bs = self.bs
@@ -134,13 +134,13 @@ class _Ingest:
             todo.append((len(out) - 1, cid, fp))
         if todo:
             known = self.repo.index.has_many([c for _i, c, _f in todo])
-            for (pos, cid, fp), is_known in zip(todo, known, strict=True):
+            for (pos, tcid, tfp), is_known in zip(todo, known, strict=True):
                 blk = view[pos * bs : pos * bs + bs]
                 if is_known:
-                    out[pos] = _BlockResult(cid, fp, 0, None, len(blk), False)
+                    out[pos] = _BlockResult(tcid, tfp, 0, None, len(blk), False)
                 else:
-                    c, payload = codec.seal(Kind.BLOCK, ChunkId(cid), bytes(blk))
-                    out[pos] = _BlockResult(cid, fp, int(c), payload, len(blk), False)
+                    c, payload = codec.seal(Kind.BLOCK, ChunkId(tcid), bytes(blk))
+                    out[pos] = _BlockResult(tcid, tfp, int(c), payload, len(blk), False)
         return [r for r in out if r is not None]
 
     def run(

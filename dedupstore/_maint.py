@@ -121,13 +121,13 @@ def verify(
         order = [cid for pid in sorted(by_pack) for _off, cid in sorted(by_pack[pid])]
         total = len(order)
         with ThreadPoolExecutor(worker_count(), thread_name_prefix="verify") as pool:
-            for n, (cid, size, err) in enumerate(
+            for n, (bad_id, size, err) in enumerate(
                 pool.map(lambda c: _check(repo, c), order, chunksize=64), start=1
             ):
                 rep.chunks_checked += 1
                 rep.bytes_checked += size
                 if err is not None:
-                    rep.bad_chunks[cid] = err
+                    rep.bad_chunks[bad_id] = err
                 if progress and n % 256 == 0:
                     progress(n, total)
         for pid, info in repo.index.all_packs().items():
@@ -302,9 +302,9 @@ def gc(
     ]
     total = len(to_compact)
     for n, pid in enumerate(sorted(to_compact), start=1):
-        for cid, loc in sorted(members.get(pid, []), key=lambda m: m[1][1]):
-            payload = repo.read_raw(cid, loc)
-            repo.put_sealed(loc[4], cid, loc[5], payload, loc[3])
+        for live_id, loc in sorted(members.get(pid, []), key=lambda m: m[1][1]):
+            payload = repo.read_raw(live_id, loc)
+            repo.put_sealed(loc[4], live_id, loc[5], payload, loc[3])
         if members.get(pid):
             rep.packs_rewritten += 1
         else:

@@ -592,7 +592,7 @@ class Overlay:
         self.repo = repo
         self.info = info
         self.base = base
-        self._lock_fd = lock_fd
+        self._lock_fd: int | None = lock_fd
         self.disks: list[OverlayDisk] = []
         try:
             readers = {r.name: r for r in disk_readers(repo, base)}
@@ -631,7 +631,7 @@ class Overlay:
                     d.close()
         finally:
             os.close(self._lock_fd)
-            self._lock_fd = None  # type: ignore[assignment]
+            self._lock_fd = None
 
     def __enter__(self) -> Overlay:
         return self

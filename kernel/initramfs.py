@@ -215,7 +215,9 @@ class CpioWriter:
         self._ino = 1
         self._dirs: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)):
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         name = name.lstrip("/")
         namez = name.encode() + b"\0"
         fields = [

@@ -22,8 +22,8 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -43,6 +43,7 @@ def store_limiter() -> trio.CapacityLimiter:
     """The named limiter of a mount's store work (created per Operations, per trio run)."""
     return trio.CapacityLimiter(STORE_THREADS)
 
+
 #: Readahead window of a mount (see raise_readahead).
 READAHEAD_KIB = 4096
 
@@ -50,7 +51,9 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def fuse_op(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+def fuse_op(
+    fn: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """Map every failure of a handler to a `FUSEError`, so nothing escapes into pyfuse3.
 
     StoreError -> its errno (EIO for missing/corrupt chunks, logged); OSError -> its errno;
@@ -125,8 +128,9 @@ class Operations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.store_limiter)
 
     @fuse_op
-    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
         ino, attr = await self._blocking(self.ns.lookup, parent_inode, text)
         return entry_attributes(ino, attr)
@@ -140,25 +144,33 @@ class Operations(pyfuse3.Operations):
                 log.exception("forget(%d) failed", ino)
 
     @fuse_op
-    async def getattr(self, inode: pyfuse3.InodeT,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return entry_attributes(inode, self.ns.getattr(inode))
 
     @fuse_op
-    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     @fuse_op
-    async def readlink(self, inode: pyfuse3.InodeT,
-                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
+    async def readlink(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileNameT:
         target = await self._blocking(self.ns.readlink, inode)
         return pyfuse3.FileNameT(os.fsencode(target))
 
     @fuse_op
-    async def open(self, inode: pyfuse3.InodeT, flags: int,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         attr = self.ns.getattr(inode)
@@ -176,8 +188,9 @@ class Operations(pyfuse3.Operations):
         return None
 
     @fuse_op
-    async def opendir(self, inode: pyfuse3.InodeT,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
         entries = await self._blocking(self.ns.listdir, inode)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
@@ -185,8 +198,9 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileHandleT(fh)
 
     @fuse_op
-    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
-                      token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
         entries = self._dirs.get(fh)
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -194,8 +208,9 @@ class Operations(pyfuse3.Operations):
             name, node = entries[i]
             # readdirplus: every accepted entry counts as a lookup; undo it if refused.
             ino = self.ns.remember(node)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name),
-                                         entry_attributes(ino, node.attr), i + 1):
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), entry_attributes(ino, node.attr), i + 1
+            ):
                 self.ns.forget(ino, 1)
                 break
 
@@ -203,21 +218,22 @@ class Operations(pyfuse3.Operations):
         self._dirs.pop(fh, None)
 
     @fuse_op
-    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
-                       ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
         value = self.ns.xattrs(inode).get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     @fuse_op
-    async def listxattr(self, inode: pyfuse3.InodeT,
-                        ctx: pyfuse3.RequestContext) -> Sequence[pyfuse3.XAttrNameT]:
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
         return [pyfuse3.XAttrNameT(os.fsencode(k)) for k in self.ns.xattrs(inode)]
 
     @fuse_op
-    async def access(self, inode: pyfuse3.InodeT, mode: int,
-                     ctx: pyfuse3.RequestContext) -> bool:
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # Only reached without default_permissions; the mount is read-only either way.
         return not (mode & os.W_OK)
 
@@ -247,8 +263,9 @@ def mount_options(*, allow_other: bool, fsname: str) -> set[str]:
     return opts
 
 
-def serve(ops: Operations, mountpoint: str, options: set[str],
-          ready: Callable[[], None] | None = None) -> None:
+def serve(
+    ops: Operations, mountpoint: str, options: set[str], ready: Callable[[], None] | None = None
+) -> None:
     """Mount, run until unmounted or SIGTERM/SIGINT, then unmount. Starts and ends trio.
 
     `ready` is called once the mount is up (the kernel queues requests until the loop runs).
@@ -287,8 +304,11 @@ def raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
     try:
         with open("/proc/self/mountinfo") as f:
             lines = f.read().splitlines()
-        dev = next(fields[2] for line in reversed(lines)
-                   if len(fields := line.split()) > 4 and fields[4] == real)
+        dev = next(
+            fields[2]
+            for line in reversed(lines)
+            if len(fields := line.split()) > 4 and fields[4] == real
+        )
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(str(kib))
     except (OSError, StopIteration) as exc:
