@@ -75,13 +75,14 @@ class VerifyReport:
     chunks_checked: int = 0
     bytes_checked: int = 0
     bad_chunks: dict[bytes, str] = field(default_factory=dict)
+    damaged_packs: dict[int, str] = field(default_factory=dict)
     damaged_points: dict[str, str] = field(default_factory=dict)
     points_checked: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.bad_chunks and not self.damaged_points
+        return not self.bad_chunks and not self.damaged_points and not self.damaged_packs
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +91,7 @@ class VerifyReport:
             "bytes_checked": self.bytes_checked,
             "points_checked": self.points_checked,
             "bad_chunks": {k.hex(): v for k, v in self.bad_chunks.items()},
+            "damaged_packs": {f"{k:016x}": v for k, v in self.damaged_packs.items()},
             "damaged_points": self.damaged_points,
             "notes": self.notes,
         }
@@ -131,14 +133,30 @@ def verify(
                 if progress and n % 256 == 0:
                     progress(n, total)
         for pid, info in repo.index.all_packs().items():
-            if not pack_path(repo.root, str(info["tier"]), pid).exists():
-                rep.notes.append(f"pack {pid:016x} is missing from disk")
+            problem = _pack_problem(pack_path(repo.root, str(info["tier"]), pid))
+            if problem:
+                rep.damaged_packs[pid] = problem
     for p in points:
         rep.points_checked += 1
         problem = _point_problem(repo, p, rep, check_chunks=point is not None)
         if problem:
             rep.damaged_points[p.name] = problem
     return rep
+
+
+def _pack_problem(path: Path) -> str | None:
+    """Damage outside the payloads (pack header, table, footer) that chunk reads don't see."""
+    if not path.exists():
+        return "pack file is missing"
+    try:
+        scan = scan_pack(path, check_payloads=False)
+    except (FormatError, OSError) as exc:
+        return str(exc)
+    if not scan.sealed:
+        return "pack has no valid table/footer: " + "; ".join(scan.problems or ["unsealed"])
+    if scan.problems:
+        return "; ".join(scan.problems)
+    return None
 
 
 def _point_problem(repo: Repository, p: Point, rep: VerifyReport, check_chunks: bool) -> str | None:
@@ -157,9 +175,16 @@ def _point_problem(repo: Repository, p: Point, rep: VerifyReport, check_chunks: 
                 if err is not None:
                     rep.bad_chunks[cid] = err
                     return f"chunk {cid.hex()[:16]}: {err}"
-            elif repo.index.lookup(cid) is None:
-                rep.bad_chunks[cid] = "missing"
-                return f"chunk {cid.hex()[:16]} is missing"
+            else:
+                loc = repo.index.lookup(cid)
+                if loc is None:
+                    rep.bad_chunks[cid] = "missing"
+                    return f"chunk {cid.hex()[:16]} is missing"
+                if loc[0] in rep.damaged_packs:
+                    return (
+                        f"pack {loc[0]:016x} is damaged ({rep.damaged_packs[loc[0]]}); "
+                        "its chunks still read, but the pack cannot be rebuilt from"
+                    )
     except (ChunkMissing, ChunkCorrupt, FormatError) as exc:
         return f"index structure damaged: {exc}"
     return None

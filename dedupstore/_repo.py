@@ -43,7 +43,15 @@ from .errors import (
     ReadOnly,
     StoreError,
 )
-from .formats import ENTRY_HEADER, ENTRY_TAG, PACK_SUFFIX, ZERO_ID, ChunkId, Kind
+from .formats import (
+    ENTRY_HEADER,
+    ENTRY_HEADER_CRC_SPAN,
+    ENTRY_TAG,
+    PACK_SUFFIX,
+    ZERO_ID,
+    ChunkId,
+    Kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +386,8 @@ class Repository:
             os.close(fd)
 
     def read_raw(self, cid: bytes, loc: Loc) -> bytes:
-        """The stored payload of a chunk, its entry header checked (crc, id)."""
-        pack_id, offset, stored_len, _raw, _kind, _codec = loc
+        """The stored payload of a chunk; its entry header (crc, id, lengths) is checked."""
+        pack_id, offset, stored_len, raw_len, kind, codec = loc
         fd = self._pack_fd(pack_id)
         head_off = offset - ENTRY_HEADER.size
         blob = os.pread(fd, ENTRY_HEADER.size + stored_len, head_off)
@@ -387,7 +395,13 @@ class Repository:
             raise ChunkCorrupt(f"chunk {cid.hex()[:16]}: pack {pack_id:016x} is truncated")
         fields = ENTRY_HEADER.unpack_from(blob)
         payload = blob[ENTRY_HEADER.size :]
-        if fields[0] != ENTRY_TAG or fields[4] != cid:
+        tag, h_kind, h_codec, _flags, h_id, h_stored, h_raw, _crc, h_crc = fields
+        if (
+            tag != ENTRY_TAG
+            or h_id != cid
+            or zlib.crc32(blob[:ENTRY_HEADER_CRC_SPAN]) != h_crc
+            or (h_kind, h_codec, h_stored, h_raw) != (kind, codec, stored_len, raw_len)
+        ):
             raise ChunkCorrupt(
                 f"chunk {cid.hex()[:16]}: entry header damaged in pack {pack_id:016x}"
             )

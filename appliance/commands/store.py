@@ -391,6 +391,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         for cid, err in rep.bad_chunks.items():
             print(f"BAD chunk {cid.hex()[:16]}: {err}")
+        for pid, why in rep.damaged_packs.items():
+            print(f"DAMAGED pack {pid:016x}: {why}")
         for name, why in rep.damaged_points.items():
             print(f"DAMAGED {name}: {why}")
         for note in rep.notes:

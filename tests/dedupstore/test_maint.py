@@ -140,3 +140,25 @@ def test_rebuild_index_from_packs(repo_dir: Path, tmp_path: Path) -> None:
         restore_tree(repo, repo.resolve("docs@latest"), tmp_path / "t")
     assert sha256_file(out) == sha256_file(img)
     assert (tmp_path / "t" / "f").read_text() == "content"
+
+
+@pytest.mark.parametrize("where", ["pack-header", "entry-header", "payload", "table", "footer",
+                                   "random"])
+def test_any_flipped_byte_fails_verify(repo_dir: Path, tmp_path: Path, where: str) -> None:
+    """Wherever one byte of a pack flips, verify exits non-zero and names the point."""
+    import random
+
+    img = make_image(tmp_path / "d.img", 2)
+    with Repository.open(repo_dir, writable=True) as repo:
+        p = backup_image(repo, [img], source="vm1", mode="full")
+    packs = sorted((repo_dir / "packs").rglob("*.pack"))
+    assert len(packs) == 1
+    size = packs[0].stat().st_size
+    offset = {"pack-header": 3, "entry-header": 40 + 20, "payload": 40 + 56 + 100,
+              "table": size - 32 - 20, "footer": size - 10,
+              "random": random.Random(4).randrange(0, size)}[where]
+    flip_byte(packs[0], offset)
+    with Repository.open(repo_dir) as repo:
+        rep = verify(repo)
+    assert not rep.ok
+    assert p.name in rep.damaged_points
