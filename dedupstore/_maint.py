@@ -23,7 +23,7 @@ import msgpack
 from ._imagepoint import block_map, worker_count
 from ._index import Index, point_key
 from ._overlay import list_overlays, overlay_catalogue_lock, overlays_on
-from ._pack import pack_path, scan_pack
+from ._pack import pack_path, read_header, scan_pack
 from ._repo import Point, Repository
 from .errors import (
     ChunkCorrupt,
@@ -133,7 +133,8 @@ def verify(
                 if progress and n % 256 == 0:
                     progress(n, total)
         for pid, info in repo.index.all_packs().items():
-            problem = _pack_problem(pack_path(repo.root, str(info["tier"]), pid))
+            path = pack_path(repo.root, str(info["tier"]), pid)
+            problem = _pack_problem(path, sealed=bool(info.get("sealed", True)))
             if problem:
                 rep.damaged_packs[pid] = problem
     for p in points:
@@ -144,10 +145,23 @@ def verify(
     return rep
 
 
-def _pack_problem(path: Path) -> str | None:
-    """Damage outside the payloads (pack header, table, footer) that chunk reads don't see."""
+def _pack_problem(path: Path, *, sealed: bool) -> str | None:
+    """Damage outside the payloads (pack header, table, footer) that chunk reads don't see.
+
+    A pack salvaged after a crash (`sealed` False) has no table or footer by design: only
+    its header is checked here; its entries are checked by the chunk reads.
+    """
     if not path.exists():
         return "pack file is missing"
+    if not sealed:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            read_header(fd)
+        except FormatError as exc:
+            return str(exc)
+        finally:
+            os.close(fd)
+        return None
     try:
         scan = scan_pack(path, check_payloads=False)
     except (FormatError, OSError) as exc:
@@ -430,7 +444,7 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
         rep.packs += 1
         max_id = max(max_id, scan.pack_id)
         pack_rows.append(
-            (scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": True})
+            (scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": scan.sealed})
         )
         for e in scan.entries:
             loc = (scan.pack_id, e.offset, e.stored_len, e.raw_len, e.kind, e.codec)
@@ -441,7 +455,8 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
             progress(n, len(paths))
     # Decode catalogue records. Tombstones win over manifests; the newest lock record wins.
     manifests: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    tombs: set[str] = set()
+    tombs: dict[str, int] = {}  # point name -> time of its deletion
+    last_ids: dict[str, str] = {}
     locks: dict[str, tuple[int, float | None]] = {}
     for path, cid, loc in records:
         try:
@@ -460,14 +475,17 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
                 {"c": cid, "m": payload, "codec": loc[5], "raw": loc[3], "lock": None},
             )
         elif loc[4] == Kind.TOMBSTONE:
-            tombs.add(str(obj["tombstone"]))
+            name = str(obj["tombstone"])
+            tombs[name] = max(tombs.get(name, 0), int(obj["time_ns"]))
         else:
             prev = locks.get(str(obj["lock"]))
             if prev is None or obj["time_ns"] > prev[0]:
                 locks[str(obj["lock"])] = (int(obj["time_ns"]), obj["until"])
     point_rows: list[tuple[bytes, dict[str, Any] | None]] = []
     for name, (obj, rec) in manifests.items():
-        if name in tombs:
+        src = str(obj["source"])
+        last_ids[src] = max(last_ids.get(src, ""), str(obj["id"]))
+        if name in tombs and tombs[name] >= int(obj["time_ns"]):
             rep.deleted_points += 1
             continue
         if name in locks:
@@ -481,7 +499,11 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
     rows = list(chunk_rows.items())
     for i in range(0, len(rows), 200_000):
         repo.index.commit(chunks=rows[i : i + 200_000])
-    repo.index.commit(packs=pack_rows, points=point_rows, meta=[("next_pack", max_id + 1)])
+    repo.index.commit(
+        packs=pack_rows,
+        points=point_rows,
+        meta=[("next_pack", max_id + 1), *((f"last_id:{k}", v) for k, v in last_ids.items())],
+    )
     shutil.rmtree(old, ignore_errors=True)
     rep.chunks = len(chunk_rows)
     rep.points = len(point_rows)

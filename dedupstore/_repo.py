@@ -273,7 +273,9 @@ class Repository:
                 (e.chunk_id, (scan.pack_id, e.offset, e.stored_len, e.raw_len, e.kind, e.codec))
                 for e in scan.entries
             ],
-            packs=[(scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": True})],
+            packs=[
+                (scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": scan.sealed})
+            ],
             only_new_chunks=True,
         )
 
@@ -322,6 +324,7 @@ class Repository:
         *,
         points: list[tuple[bytes, dict[str, Any] | None]] | None = None,
         files: list[tuple[bytes, dict[str, Any] | None]] | None = None,
+        meta: list[tuple[str, Any]] | None = None,
     ) -> None:
         """Seal the open pack, then commit its entries (and catalogue changes) durably."""
         chunks: list[tuple[bytes, Loc]] = []
@@ -337,8 +340,14 @@ class Repository:
             packs = [
                 (p.writer.pack_id, {"tier": p.writer.tier, "size": p.writer.size, "sealed": True})
             ]
-        if chunks or points or files:
-            self.index.commit(chunks=chunks, packs=packs, points=points or (), files=files or ())
+        if chunks or points or files or meta:
+            self.index.commit(
+                chunks=chunks,
+                packs=packs,
+                points=points or (),
+                files=files or (),
+                meta=meta or (),
+            )
 
     def _pack_fd(self, pack_id: int) -> int:
         with self._fd_lock:
@@ -478,12 +487,18 @@ class Repository:
         return self._point_from(source, pid, rec)
 
     def new_point_id(self, source: str, when_ns: int) -> str:
-        """A time-based id that sorts after every existing id of the source."""
+        """A time-based id that sorts after every id the source ever had (deleted ones too).
+
+        Ids are never reused, so a tombstone of a deleted point can never hide a new one.
+        """
         pid = time.strftime(POINT_ID_FORMAT, time.gmtime(when_ns / 1e9))
         recs = self.index.point_records(source)
-        if recs and pid <= recs[-1][1]:
+        last = max(
+            [str(self.index.get_meta(f"last_id:{source}") or ""), recs[-1][1] if recs else ""]
+        )
+        if last and pid <= last:
             # same second, or the clock went back: count on from the latest id
-            base, _, n = recs[-1][1].partition("-")
+            base, _, n = last.partition("-")
             pid = f"{base}-{int(n or 1) + 1:03d}"
         return pid
 
@@ -496,7 +511,11 @@ class Repository:
         self.put_sealed(Kind.POINT, cid, codec, payload, len(data))
         rec = {"c": cid, "m": payload, "codec": int(codec), "raw": len(data), "lock": None}
         key = point_key(str(manifest["source"]), str(manifest["id"]))
-        self.flush(points=[(key, rec)], files=files)
+        self.flush(
+            points=[(key, rec)],
+            files=files,
+            meta=[(f"last_id:{manifest['source']}", str(manifest["id"]))],
+        )
         return Point(str(manifest["source"]), str(manifest["id"]), manifest, cid, None)
 
     def delete_point(self, point: Point, *, force: bool = False) -> None:
