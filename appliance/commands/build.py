@@ -1,0 +1,80 @@
+"""Build sub-commands: `build rescue [--out DIR]`, `build iso --out FILE`.
+
+Thin: runs the build-time `kernel` package as a subprocess (`python -m kernel ...`); nothing at
+runtime may import `kernel`. Failures are one line (the kernel tool's own message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .._ui import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESCUE_DIR = Path("var/rescue")
+
+
+def register(sub: Any) -> None:
+    b = sub.add_parser("build", help="build boot media: the rescue system, the ISO")
+    bsub = b.add_subparsers(dest="build_command", metavar="WHAT")
+    bsub.required = True
+    r = bsub.add_parser("rescue", help="rescue kernel + initramfs (vmlinuz, initrd.img)")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_RESCUE_DIR,
+        help=f"output directory (default {DEFAULT_RESCUE_DIR})",
+    )
+    r.set_defaults(func=cmd_rescue)
+    i = bsub.add_parser("iso", help="hybrid bootable ISO of the rescue system (CD or USB)")
+    i.add_argument("--out", type=Path, required=True, help="ISO file to write")
+    i.add_argument("--cmdline", help="kernel command line (default: the rescue default)")
+    i.set_defaults(func=cmd_iso)
+
+
+def run_kernel_tool(args: list[str], *, timeout_s: float = 600) -> list[str]:
+    """Run `python -m kernel ARGS`; return its stdout lines. Raises UserError (one line)."""
+    cmd = [sys.executable, "-m", "kernel", *args]
+    log.info("running %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise UserError(f"kernel {args[0]} build timed out after {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        msg = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise UserError(msg.removeprefix("kernel: error: ").strip() or msg)
+    return proc.stdout.split()
+
+
+def build_rescue(out: Path) -> tuple[Path, Path]:
+    """(vmlinuz, initrd.img) built into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = run_kernel_tool(["rescue", str(out.resolve())])
+    if len(lines) != 2:
+        raise UserError(f"kernel rescue printed {lines!r}, expected two paths")
+    return Path(lines[0]), Path(lines[1])
+
+
+def cmd_rescue(args: argparse.Namespace) -> int:
+    kernel, initrd = build_rescue(args.out)
+    print(kernel)
+    print(initrd)
+    return 0
+
+
+def cmd_iso(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out} is a directory; give the ISO file name")
+    extra = ["--cmdline", args.cmdline] if args.cmdline else []
+    run_kernel_tool(["iso", "--out", str(out.resolve()), *extra])
+    print(out)
+    return 0

@@ -1,0 +1,728 @@
+"""Network boot and iSCSI sub-commands: `pxe serve|assign|list|unassign`, `iscsi
+export|unexport|list`.
+
+Wiring only: the protocol work lives in `pxe/` (dnsmasq, boot HTTP, iPXE scripts, tgt, nbdfuse),
+NBD in `nbd/`, overlays in `dedupstore`. This module decides what a machine boots and makes sure
+the NBD export / overlay / iSCSI target it needs exists before its script is answered.
+
+An iSCSI session `S` = overlay `S` on a point + one `appliance nbd serve` (nbdkit on a unix
+socket, overlays only) + nbdfuse turning `overlay/S/disk0` into a file + a tgt target (LUN 1)
+backed by that file. Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta.
+Sessions outlive the command that made them (helpers run detached); their PIDs are recorded in
+`<repo>/pxe/iscsi/<S>/session.json` and `unexport` stops them by PID. One tgtd serves every
+session of a repository (`<repo>/pxe/iscsi/tgtd.json`); it stops with the last session.
+Must not kill anything it did not start, nor hold the repository writer lock except to commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import dedupstore as ds
+from nbd import NbdServer, NbdServerError, parse_listen
+from pxe import _proc
+from pxe.assignments import DEFAULT_DST, AssignmentError, AssignmentStore, normalize_mac
+from pxe.dnsmasq import (
+    DnsmasqError,
+    DnsmasqProcess,
+    ProxyDhcpConfig,
+    prepare_tftp_root,
+    render_config,
+    unreadable_for_others,
+)
+from pxe.http import BootHttpServer
+from pxe.ipxe import (
+    ScriptError,
+    iscsi_root_path,
+    local_script,
+    rescue_script,
+    sanboot_script,
+    unassigned_script,
+)
+from pxe.iscsi import (
+    IscsiError,
+    Tgt,
+    mount_nbdfuse,
+    start_tgtd,
+    stop_tgtd,
+    target_iqn,
+    unmount_nbdfuse,
+)
+
+from .._ui import UserError, emit_json
+from ..cli import _needs_passphrase, open_repo, passphrase, repo_path
+from .build import build_rescue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP = "0.0.0.0:8080"
+DEFAULT_NBD = "0.0.0.0:10809"
+DEFAULT_PORTAL = "0.0.0.0:3260"
+RESCUE_BASE_CMDLINE = "console=tty0 console=ttyS0 panic=-1 quiet"
+SAN_DISK = "disk0"
+NBD_START_TIMEOUT_S = 30.0
+# Also an overlay name and (lower-cased) part of an IQN.
+_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# -- repository paths ---------------------------------------------------------------------------
+def pxe_dir(root: Path) -> Path:
+    return root / "pxe"
+
+
+def iscsi_dir(root: Path) -> Path:
+    return root / "pxe" / "iscsi"
+
+
+def assignments(root: Path) -> AssignmentStore:
+    return AssignmentStore(pxe_dir(root))
+
+
+def pxe_session_name(mac: str) -> str:
+    """The iSCSI session/overlay of a SAN-booting machine: `pxe-525400123456`."""
+    return "pxe-" + normalize_mac(mac).replace(":", "")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return data
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# -- iSCSI sessions -----------------------------------------------------------------------------
+class IscsiSessions:
+    """The iSCSI sessions of one repository. Serialised between processes and threads by a
+    flock on `<repo>/pxe/iscsi/.lock` (held for the whole of export/unexport)."""
+
+    _thread_lock = threading.Lock()
+
+    def __init__(
+        self, root: Path, *, passphrase: str | None = None, portal: str = DEFAULT_PORTAL
+    ) -> None:
+        self.root = root.resolve()
+        self.dir = iscsi_dir(self.root)
+        self.passphrase = passphrase
+        self.portal = portal
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._thread_lock:
+            fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    # tgtd ------------------------------------------------------------------------------------
+    def _tgtd_state(self) -> dict[str, Any] | None:
+        st = _read_json(self.dir / "tgtd.json")
+        if st is not None and _proc.alive(_proc.ProcRef.from_dict(st["proc"])):
+            return st
+        return None
+
+    def _ensure_tgtd(self) -> tuple[Tgt, str]:
+        st = self._tgtd_state()
+        if st is None:
+            ref, port = start_tgtd(self.portal, log_path=self.dir / "tgtd.log")
+            st = {"proc": ref.as_dict(), "control_port": port, "portal": self.portal}
+            _write_json(self.dir / "tgtd.json", st)
+        return Tgt(int(st["control_port"])), str(st["portal"])
+
+    def _stop_tgtd_if_idle(self) -> None:
+        st = self._tgtd_state()
+        if st is None or self._session_names():
+            return
+        stop_tgtd(_proc.ProcRef.from_dict(st["proc"]), int(st["control_port"]))
+        (self.dir / "tgtd.json").unlink(missing_ok=True)
+
+    # sessions ---------------------------------------------------------------------------------
+    def _session_names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.dir.glob("*/session.json"))
+
+    def _session(self, name: str) -> dict[str, Any] | None:
+        return _read_json(self.dir / name / "session.json")
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every recorded session with liveness of its helpers and target."""
+        out = []
+        st = self._tgtd_state()
+        targets = Tgt(int(st["control_port"])).targets() if st else {}
+        by_iqn = {t.iqn: t for t in targets.values()}
+        for name in self._session_names():
+            s = self._session(name)
+            if s is None:
+                continue
+            t = by_iqn.get(s["iqn"])
+            s["alive"] = bool(
+                t is not None
+                and _proc.alive(_proc.ProcRef.from_dict(s["nbd_server"]))
+                and _proc.alive(_proc.ProcRef.from_dict(s["nbdfuse"]))
+            )
+            s["initiators"] = t.sessions if t else 0
+            out.append(s)
+        return out
+
+    def export(self, point_ref: str, name: str) -> dict[str, Any]:
+        """Make session `name` (overlay `name` on `point_ref`) available as an iSCSI target.
+
+        Idempotent: a live session is returned as is; an existing overlay of that name is
+        reused (its writes survive an appliance restart). Raises UserError/StoreError.
+        """
+        if not _SESSION_RE.match(name):
+            raise UserError(f"bad session name {name!r}: use A-Z a-z 0-9 . _ - (max 64)")
+        with self._locked():
+            s = self._session(name)
+            if s is not None:
+                if self._alive(s):
+                    return s
+                log.info("session %s is stale: tearing it down and starting it again", name)
+                self._teardown(s)
+            return self._create(point_ref, name)
+
+    def _alive(self, s: dict[str, Any]) -> bool:
+        st = self._tgtd_state()
+        if st is None:
+            return False
+        iqns = {t.iqn for t in Tgt(int(st["control_port"])).targets().values()}
+        return (s["iqn"] in iqns and _proc.alive(_proc.ProcRef.from_dict(s["nbd_server"]))
+                and _proc.alive(_proc.ProcRef.from_dict(s["nbdfuse"])))  # fmt: skip
+
+    def _create(self, point_ref: str, name: str) -> dict[str, Any]:
+        sdir = self.dir / name
+        sdir.mkdir(parents=True, exist_ok=True)
+        with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
+            try:
+                info = ds.overlay_info(repo, name)
+                if info.base != repo.resolve(point_ref).name:
+                    raise UserError(
+                        f"overlay {name} exists on {info.base}, not {point_ref}: "
+                        "commit or drop it first"
+                    )
+                log.info("reusing overlay %s on %s", name, info.base)
+            except ds.NotFound:
+                info = ds.create_overlay(repo, point_ref, name)
+        if SAN_DISK not in {d.name for d in info.disks}:
+            raise UserError(f"{info.base} has no {SAN_DISK}")
+        s: dict[str, Any] = {
+            "name": name,
+            "point": info.base,
+            "overlay": name,
+            "iqn": target_iqn(name),
+            "created_ns": time.time_ns(),
+        }
+        try:
+            ref, uri = self._start_nbd_keeper(sdir, name)
+            s["nbd_server"] = ref.as_dict()
+            s["nbd_uri"] = uri
+            _write_json(sdir / "session.json", {**s, "nbdfuse": {"pid": 0, "start_ticks": 0}})
+            ref = mount_nbdfuse(sdir / "mnt", s["nbd_uri"], log_path=sdir / "nbdfuse.log")
+            s["nbdfuse"] = ref.as_dict()
+            s["backing"] = str(sdir / "mnt" / "disk")
+            _write_json(sdir / "session.json", s)
+            tgt, portal = self._ensure_tgtd()
+            s["tid"] = tgt.add_target(s["iqn"], Path(s["backing"]))
+            s["portal"] = portal
+            _write_json(sdir / "session.json", s)
+        except (UserError, IscsiError, OSError) as exc:
+            self._teardown(
+                {
+                    **s,
+                    "nbdfuse": s.get("nbdfuse", {"pid": 0, "start_ticks": 0}),
+                    "nbd_server": s.get("nbd_server", {"pid": 0, "start_ticks": 0}),
+                }
+            )
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"iSCSI export of {point_ref} failed: {exc}") from exc
+        log.info("iSCSI session %s: %s on %s as %s", name, info.base, s["portal"], s["iqn"])
+        return s
+
+    def _start_nbd_keeper(self, sdir: Path, name: str) -> tuple[_proc.ProcRef, str]:
+        """`appliance nbd serve --socket ... --overlays-only` in a session of its own, as the
+        session's NBD server (it owns nbdkit through NbdServer: SIGTERM stops nbdkit and syncs
+        the overlays).
+
+        Why not NbdServer here directly: nbdkit gets SIGTERM (si_pid = its parent, seen with
+        strace) when the process that started it exits, even with exit_with_parent=False and
+        in a new session; under nbdfuse it then hung half-stopped (reads failed with ESHUTDOWN,
+        the overlay stayed locked). So a long-lived process of its own must own nbdkit.
+        """
+        sock = sdir / "nbd.sock"
+        sock.unlink(missing_ok=True)
+        log_path = sdir / "nbdkit.log"
+        env = dict(os.environ, APPLIANCE_REPO=str(self.root))
+        env.pop("APPLIANCE_PASSPHRASE", None)
+        if self.passphrase is not None:
+            env["APPLIANCE_PASSPHRASE"] = self.passphrase
+        cmd = [sys.executable, "-c", "import sys; from appliance.cli import main; "
+               "sys.argv[0] = 'appliance'; sys.exit(main())",
+               "--repo", str(self.root), "nbd", "serve", "--socket", str(sock),
+               "--overlays-only"]  # fmt: skip
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    env=env, start_new_session=True)  # fmt: skip
+        ref = _proc.ref_of(proc.pid)
+        deadline = time.monotonic() + NBD_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()
+                raise UserError(f"NBD server for {name} exited: {tail[-1] if tail else '?'}")
+            if sock.is_socket():
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.connect(str(sock))
+                        break
+                    except OSError:
+                        pass
+            if time.monotonic() > deadline:
+                _proc.stop(ref)
+                raise UserError(
+                    f"NBD server for {name} did not start in {NBD_START_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.05)
+        return ref, f"nbd+unix:///overlay/{name}/{SAN_DISK}?socket={sock}"
+
+    def _teardown(self, s: dict[str, Any]) -> None:
+        """Target, then nbdfuse (flushes to nbdkit), then nbdkit, then sync the overlay."""
+        sdir = self.dir / s["name"]
+        st = self._tgtd_state()
+        if st is not None:
+            with contextlib.suppress(IscsiError):
+                Tgt(int(st["control_port"])).delete_target(s["iqn"])
+        fuse_ref = _proc.ProcRef.from_dict(s["nbdfuse"])
+        if fuse_ref.pid:
+            unmount_nbdfuse(sdir / "mnt", fuse_ref)
+        nbd_ref = _proc.ProcRef.from_dict(s["nbd_server"])
+        if nbd_ref.pid:  # SIGTERM: `nbd serve` stops nbdkit (SIGKILL after 3 s) and syncs
+            _proc.stop(nbd_ref, timeout_s=10.0)
+        ds.sync_overlays(self.root)
+        (sdir / "session.json").unlink(missing_ok=True)
+        (sdir / "nbd.sock").unlink(missing_ok=True)
+
+    def unexport(
+        self, name: str, *, commit: bool = False, label: str | None = None, drop: bool = False
+    ) -> str | None:
+        """Stop session `name`; optionally commit its overlay (returns the new point's name)
+        and/or drop it. Raises UserError if there is no such session."""
+        with self._locked():
+            s = self._session(name)
+            if s is None:
+                raise UserError(f"no iSCSI session {name!r} (appliance iscsi list)")
+            self._teardown(s)
+            self._stop_tgtd_if_idle()
+        new_point = None
+        if commit:
+            with ds.Repository.open(self.root, passphrase=self.passphrase, writable=True) as repo:
+                new_point = ds.commit_overlay(repo, s["overlay"], label=label).name
+        if drop:
+            with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
+                ds.drop_overlay(repo, s["overlay"])
+        shutil.rmtree(self.dir / name, ignore_errors=True)
+        return new_point
+
+
+# -- boot decisions ---------------------------------------------------------------------------
+class BootPlanner:
+    """script_for(mac, host) for the HTTP server: reads the assignment, prepares what it needs
+    (NBD export of a point, iSCSI session), returns the iPXE script."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        http_port: int,
+        nbd_port: int,
+        sessions: IscsiSessions,
+        passphrase: str | None,
+    ) -> None:
+        self.root = root
+        self.http_port = http_port
+        self.nbd_port = nbd_port
+        self.sessions = sessions
+        self.passphrase = passphrase
+        self.store = assignments(root)
+
+    def script_for(self, mac: str, host: str) -> str:
+        a = self.store.consume_once(mac)
+        if a is None:
+            log.info("%s: not assigned", mac)
+            return unassigned_script(mac)
+        log.info("%s asks for its script (via %s): %s", mac, host, a.describe())
+        if a.action == "local":
+            return local_script()
+        assert a.point is not None
+        if a.action == "rescue":
+            with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
+                point = repo.resolve(a.point)  # pin the id: @latest may move mid-restore
+            src = f"nbd://{host}:{self.nbd_port}/{point.name}/{SAN_DISK}"
+            cmdline = (
+                f"{RESCUE_BASE_CMDLINE} restore.src={src} restore.dst={a.dst} "
+                "restore.zero=0 restore.reboot=1"
+            )
+            return rescue_script(f"http://{host}:{self.http_port}", cmdline)
+        s = self.sessions.export(a.point, pxe_session_name(mac))
+        _, port = parse_listen(s["portal"])
+        return sanboot_script(iscsi_root_path(host, port, s["iqn"]))
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def register(sub: Any) -> None:
+    p = sub.add_parser("pxe", help="network boot: rescue restore, SAN boot, local boot")
+    psub = p.add_subparsers(dest="pxe_command", metavar="ACTION")
+    psub.required = True
+    s = psub.add_parser("serve", help="proxy-DHCP/TFTP + boot HTTP + NBD until SIGTERM/SIGINT")
+    s.add_argument(
+        "--interface",
+        metavar="IF",
+        help="run dnsmasq proxy-DHCP + TFTP on IF (omit: HTTP/NBD/iSCSI only, "
+        "e.g. when the DHCP server or QEMU hands out boot.ipxe itself)",
+    )
+    s.add_argument(
+        "--http",
+        default=DEFAULT_HTTP,
+        metavar="HOST:PORT",
+        help=f"boot HTTP server address (default {DEFAULT_HTTP})",
+    )
+    s.add_argument(
+        "--nbd",
+        default=DEFAULT_NBD,
+        metavar="HOST:PORT",
+        help=f"NBD server for rescue restores (default {DEFAULT_NBD})",
+    )
+    s.add_argument(
+        "--iscsi-portal",
+        default=DEFAULT_PORTAL,
+        metavar="HOST:PORT",
+        help=f"iSCSI portal for SAN boot (default {DEFAULT_PORTAL})",
+    )
+    s.add_argument(
+        "--tftp-root", type=Path, metavar="DIR", help="TFTP root (default <repo>/pxe/tftp)"
+    )
+    s.add_argument(
+        "--rescue-dir",
+        type=Path,
+        metavar="DIR",
+        help="rescue vmlinuz/initrd.img (default <repo>/pxe/rescue, built if absent)",
+    )
+    s.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="address clients reach the appliance at, written into boot.ipxe "
+        "(default: the interface's address, else the HTTP host)",
+    )
+    s.set_defaults(func=cmd_serve)
+
+    a = psub.add_parser(
+        "assign",
+        help="what a machine boots next",
+        description="rescue POINT: restore POINT onto the local disk (once); "
+        "sanboot POINT: boot POINT over iSCSI (writes go to an overlay); "
+        "local: boot the local disk",
+    )
+    a.add_argument("mac")
+    a.add_argument("action", choices=("rescue", "sanboot", "local"))
+    a.add_argument("point", nargs="?", help="SOURCE@ID or SOURCE@latest (rescue, sanboot)")
+    a.add_argument(
+        "--always",
+        action="store_true",
+        help="rescue: keep serving the rescue system on every boot (default: once)",
+    )
+    a.add_argument(
+        "--dst",
+        default=DEFAULT_DST,
+        metavar="DEV",
+        help=f"rescue: the disk to overwrite (default {DEFAULT_DST}; e.g. /dev/nvme0n1)",
+    )
+    a.set_defaults(func=cmd_assign)
+    ls = psub.add_parser("list", help="list assignments")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    u = psub.add_parser(
+        "unassign",
+        help="forget a machine (stops its SAN boot session; the "
+        "overlay stays for `appliance overlay commit|drop`)",
+    )
+    u.add_argument("mac")
+    u.set_defaults(func=cmd_unassign)
+
+    i = sub.add_parser("iscsi", help="iSCSI targets of backup points (writable overlays)")
+    isub = i.add_subparsers(dest="iscsi_command", metavar="ACTION")
+    isub.required = True
+    e = isub.add_parser("export", help="export a point as an iSCSI LUN through an overlay")
+    e.add_argument("point", help="SOURCE@ID or SOURCE@latest")
+    e.add_argument("--name", help="session/overlay name (default: SOURCE-ID)")
+    e.add_argument(
+        "--portal",
+        default=DEFAULT_PORTAL,
+        metavar="HOST:PORT",
+        help=f"iSCSI portal if tgtd is not running yet (default {DEFAULT_PORTAL})",
+    )
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_iscsi_export)
+    x = isub.add_parser("unexport", help="stop an iSCSI session")
+    x.add_argument("name")
+    x.add_argument("--commit", action="store_true", help="store the session's writes as a point")
+    x.add_argument("--label", help="label of the committed point")
+    x.add_argument("--drop", action="store_true", help="delete the overlay afterwards")
+    x.set_defaults(func=cmd_iscsi_unexport)
+    li = isub.add_parser("list", help="list iSCSI sessions")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_iscsi_list)
+
+
+def _pw(root: Path, args: argparse.Namespace) -> str | None:
+    return passphrase(args) if _needs_passphrase(root) else None
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    root = repo_path(args)
+    try:
+        mac = normalize_mac(args.mac)
+        if args.action == "local":
+            if args.point:
+                raise UserError("'local' takes no point")
+            point = None
+        else:
+            if not args.point:
+                raise UserError(f"'{args.action}' needs a point (SOURCE@ID or SOURCE@latest)")
+            with open_repo(args) as repo:
+                p = repo.resolve(args.point)  # unknown point: NotFound, a one-line error
+                if p.kind != "image":
+                    raise UserError(f"{p.name} is a {p.kind} point: only image points boot")
+                if SAN_DISK not in {str(d["name"]) for d in p.manifest["disks"]}:
+                    raise UserError(f"{p.name} has no {SAN_DISK}")
+            point = args.point
+        a = assignments(root).set(mac, args.action, point, once=not args.always, dst=args.dst)
+    except AssignmentError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{a.mac}: {a.describe()}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        items = assignments(repo_path(args)).all()
+    except AssignmentError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        emit_json([a.as_dict() for a in items])
+    elif not items:
+        print("no assignments")
+    else:
+        for a in items:
+            print(f"{a.mac}  {a.describe()}")
+    return 0
+
+
+def cmd_unassign(args: argparse.Namespace) -> int:
+    root = repo_path(args)
+    try:
+        old = assignments(root).remove(args.mac)
+    except AssignmentError as exc:
+        raise UserError(str(exc)) from None
+    name = pxe_session_name(old.mac)
+    sessions = IscsiSessions(root, passphrase=_pw(root, args))
+    msg = f"unassigned {old.mac} (was {old.describe()})"
+    if name in {s["name"] for s in sessions.list()}:
+        sessions.unexport(name)
+        msg += f"; stopped its SAN boot session, overlay {name} kept (appliance overlay commit)"
+    print(msg)
+    return 0
+
+
+def cmd_iscsi_export(args: argparse.Namespace) -> int:
+    root = repo_path(args)
+    name = args.name or args.point.replace("@", "-")
+    s = IscsiSessions(root, passphrase=_pw(root, args), portal=args.portal).export(args.point, name)
+    if args.json:
+        emit_json(s)
+    else:
+        print(
+            f"{s['name']}: {s['point']} as {s['iqn']} LUN 1 on {s['portal']} "
+            f"(iPXE: sanboot iscsi:HOST::{parse_listen(s['portal'])[1]}:1:{s['iqn']})"
+        )
+    return 0
+
+
+def cmd_iscsi_unexport(args: argparse.Namespace) -> int:
+    root = repo_path(args)
+    point = IscsiSessions(root, passphrase=_pw(root, args)).unexport(
+        args.name, commit=args.commit, label=args.label, drop=args.drop
+    )
+    print(f"stopped {args.name}" + (f"; committed as {point}" if point else ""))
+    return 0
+
+
+def cmd_iscsi_list(args: argparse.Namespace) -> int:
+    root = repo_path(args)
+    items = IscsiSessions(root).list()
+    if args.json:
+        emit_json(items)
+    elif not items:
+        print("no iSCSI sessions")
+    else:
+        for s in items:
+            state = "up" if s["alive"] else "DOWN"
+            print(
+                f"{s['name']:<24} {s['point']:<28} {s['iqn']}  {state}, "
+                f"{s['initiators']} initiator(s)"
+            )
+    return 0
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler to leave the serve loop."""
+
+
+def _interface_ipv4(interface: str) -> tuple[str, str]:
+    """(address, network address) of `interface`'s first IPv4 address."""
+    import ipaddress
+
+    proc = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", interface],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            iface = ipaddress.IPv4Interface(parts[parts.index("inet") + 1])
+            return str(iface.ip), str(iface.network.network_address)
+    raise UserError(
+        f"interface {interface!r} has no IPv4 address "
+        f"({proc.stderr.strip() or 'ip addr shows none'})"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    root = repo_path(args).resolve()
+    pw = _pw(root, args)
+    ds.Repository.open(root, passphrase=pw).close()  # bad repo/passphrase: one line, now
+    rescue_dir = (args.rescue_dir or pxe_dir(root) / "rescue").resolve()
+    if not ((rescue_dir / "vmlinuz").is_file() and (rescue_dir / "initrd.img").is_file()):
+        print(f"building the rescue system into {rescue_dir} ...", flush=True)
+        build_rescue(rescue_dir)
+    tftp_root = (args.tftp_root or pxe_dir(root) / "tftp").resolve()
+    try:
+        http_host, http_port = parse_listen(args.http)
+        parse_listen(args.iscsi_portal)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    server_ip = subnet = None
+    if args.interface:
+        server_ip, subnet = _interface_ipv4(args.interface)
+    sessions = IscsiSessions(root, passphrase=pw, portal=args.iscsi_portal)
+    nbd = NbdServer(
+        root, listen=args.nbd, passphrase=pw, readonly=True, stderr=None, exit_with_parent=True
+    )
+    httpd: BootHttpServer | None = None
+    dnsmasq: DnsmasqProcess | None = None
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        nbd.start()
+        assert nbd.port is not None
+        planner = BootPlanner(
+            root, http_port=0, nbd_port=nbd.port, sessions=sessions, passphrase=pw
+        )
+        try:
+            httpd = BootHttpServer(
+                (http_host, http_port), rescue_dir=rescue_dir, script_for=planner.script_for
+            )
+        except OSError as exc:
+            raise UserError(f"cannot listen on {args.http}: {exc.strerror}") from None
+        planner.http_port = httpd.port
+        advertise = (
+            args.advertise
+            or server_ip
+            or (
+                "127.0.0.1" if http_host == "0.0.0.0" else http_host  # noqa: S104
+            )
+        )
+        prepare_tftp_root(tftp_root, f"http://{advertise}:{httpd.port}")
+        httpd.start()
+        if args.interface:
+            assert server_ip is not None and subnet is not None
+            run = pxe_dir(root) / "run"
+            run.mkdir(parents=True, exist_ok=True)
+            conf = run / "dnsmasq.conf"
+            conf.write_text(
+                render_config(
+                    ProxyDhcpConfig(
+                        interface=args.interface,
+                        subnet=subnet,
+                        tftp_root=tftp_root,
+                        server_ip=args.advertise or server_ip,
+                        pid_file=run / "dnsmasq.pid",
+                        log_file="-",
+                    )
+                )
+            )
+            blocked = unreadable_for_others(tftp_root)
+            if blocked is not None:
+                log.warning(
+                    "dnsmasq serves TFTP as nobody and cannot enter %s (mode %o): "
+                    "use --tftp-root under a world-readable directory",
+                    blocked,
+                    blocked.stat().st_mode & 0o777,
+                )
+            dnsmasq = DnsmasqProcess(conf, log_path=run / "dnsmasq.log")
+            dnsmasq.start()
+        print(
+            f"pxe: http {http_host}:{httpd.port}, nbd {nbd.host}:{nbd.port}, "
+            f"tftp {tftp_root}, boot.ipxe -> http://{advertise}:{httpd.port}"
+            + (
+                f", dnsmasq pid {dnsmasq.pid} on {args.interface}"
+                if dnsmasq
+                else ", no DHCP (no --interface)"
+            ),
+            flush=True,
+        )
+        while True:
+            if not nbd.alive():
+                print("appliance: nbdkit died", flush=True)
+                return 1
+            if dnsmasq is not None and dnsmasq.proc is not None and dnsmasq.proc.poll() is not None:
+                print("appliance: dnsmasq died", flush=True)
+                return 1
+            time.sleep(0.5)
+    except (_Stop, KeyboardInterrupt):
+        return 0
+    except (NbdServerError, DnsmasqError, ScriptError) as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        if dnsmasq is not None:
+            dnsmasq.stop()
+        if httpd is not None:
+            httpd.stop()
+        nbd.stop()
+        signal.signal(signal.SIGTERM, old)

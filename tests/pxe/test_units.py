@@ -1,0 +1,469 @@
+"""Unit tests of pxe/: MACs, assignments, iPXE scripts, dnsmasq config, the boot HTTP server,
+and the CLI's one-line errors. No VMs; the iSCSI test runs real tgtd/nbdfuse/nbdkit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pxeutil import PointRepo, run_cli, sha256_file
+
+from pxe.assignments import Assignment, AssignmentError, AssignmentStore, normalize_mac
+from pxe.dnsmasq import (
+    BIOS_LOADER,
+    CHAIN_SCRIPT,
+    UEFI_LOADER,
+    DnsmasqError,
+    ProxyDhcpConfig,
+    check_config,
+    prepare_tftp_root,
+    render_config,
+    unreadable_for_others,
+)
+from pxe.http import BootHttpServer, RangeError, parse_range
+from pxe.ipxe import (
+    ScriptError,
+    chain_script,
+    iscsi_root_path,
+    local_script,
+    rescue_script,
+    sanboot_script,
+    unassigned_script,
+)
+
+# -- MACs and assignments ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["52:54:00:AB:cd:01", "52-54-00-ab-cd-01", "525400abcd01",
+                                  "5254.00ab.cd01", " 52:54:00:ab:cd:01 "])  # fmt: skip
+def test_normalize_mac_accepts_common_spellings(text: str) -> None:
+    assert normalize_mac(text) == "52:54:00:ab:cd:01"
+
+
+@pytest.mark.parametrize("text", ["", "zz", "52:54:00:ab:cd", "52:54:00:ab:cd:01:02",
+                                  "52:54:00:ab:cd:0g", "01:00:5e:00:00:01"])  # fmt: skip
+def test_normalize_mac_rejects_bad_addresses(text: str) -> None:
+    with pytest.raises(AssignmentError, match="bad MAC"):
+        normalize_mac(text)
+
+
+def test_assignment_validation() -> None:
+    with pytest.raises(AssignmentError, match="takes no point"):
+        Assignment("52:54:00:00:00:01", "local", "vm1@latest")
+    with pytest.raises(AssignmentError, match="needs a backup point"):
+        Assignment("52:54:00:00:00:01", "sanboot", None)
+    with pytest.raises(AssignmentError, match="unknown action"):
+        Assignment("52:54:00:00:00:01", "format-c", "vm1@latest")
+    with pytest.raises(AssignmentError, match="bad point"):
+        Assignment("52:54:00:00:00:01", "rescue", "vm1 @latest")
+
+
+def test_assignments_persist_across_instances(tmp_path: Path) -> None:
+    store = AssignmentStore(tmp_path / "pxe")
+    store.set("52-54-00-00-00-01", "rescue", "vm1@latest")
+    store.set("52:54:00:00:00:02", "sanboot", "vm2@3")
+    store.set("52:54:00:00:00:03", "local")
+    store.set("52:54:00:00:00:02", "sanboot", "vm2@4")  # replaces
+
+    again = AssignmentStore(tmp_path / "pxe")
+    got = {a.mac: (a.action, a.point) for a in again.all()}
+    assert got == {
+        "52:54:00:00:00:01": ("rescue", "vm1@latest"),
+        "52:54:00:00:00:02": ("sanboot", "vm2@4"),
+        "52:54:00:00:00:03": ("local", None),
+    }
+    doc = json.loads((tmp_path / "pxe" / "assignments.json").read_text())
+    assert doc["v"] == 1 and set(doc["machines"]) == set(got)
+
+    assert again.remove("52:54:00:00:00:03").action == "local"
+    with pytest.raises(AssignmentError, match="no assignment"):
+        again.remove("52:54:00:00:00:03")
+    assert AssignmentStore(tmp_path / "pxe").get("52:54:00:00:00:03") is None
+
+
+def test_rescue_is_served_once_then_local(tmp_path: Path) -> None:
+    store = AssignmentStore(tmp_path)
+    store.set("52:54:00:00:00:01", "rescue", "vm1@latest")
+    store.set("52:54:00:00:00:02", "rescue", "vm1@latest", once=False)
+    first = store.consume_once("52:54:00:00:00:01")
+    assert first is not None and first.action == "rescue"
+    second = store.consume_once("52:54:00:00:00:01")
+    assert second is not None and second.action == "local"
+    for _ in range(2):
+        always = store.consume_once("52:54:00:00:00:02")
+        assert always is not None and always.action == "rescue"
+    assert store.consume_once("52:54:00:00:00:09") is None
+
+
+def test_consume_once_races_serve_rescue_exactly_once(tmp_path: Path) -> None:
+    store = AssignmentStore(tmp_path)
+    store.set("52:54:00:00:00:01", "rescue", "vm1@latest")
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        a = AssignmentStore(tmp_path).consume_once("52:54:00:00:00:01")
+        with lock:
+            results.append(a.action if a else "none")
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["local"] * 7 + ["rescue"]
+
+
+def test_rescue_destination(tmp_path: Path) -> None:
+    store = AssignmentStore(tmp_path)
+    store.set("52:54:00:00:00:01", "rescue", "vm1@latest", dst="/dev/nvme0n1")
+    a = AssignmentStore(tmp_path).get("52:54:00:00:00:01")
+    assert a is not None and a.dst == "/dev/nvme0n1"
+    assert a.describe() == "rescue vm1@latest onto /dev/nvme0n1 (once)"
+    for bad in ("sda", "/dev/sda restore.src=nbd://evil/x", "/dev/../etc/passwd"):
+        with pytest.raises(AssignmentError, match="bad restore destination"):
+            store.set("52:54:00:00:00:01", "rescue", "vm1@latest", dst=bad)
+
+
+def test_corrupt_assignment_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "assignments.json").write_text("{not json")
+    with pytest.raises(AssignmentError, match="not valid JSON"):
+        AssignmentStore(tmp_path).all()
+
+
+# -- iPXE scripts -------------------------------------------------------------------------------
+
+
+def test_chain_script_asks_for_this_machines_script() -> None:
+    s = chain_script("http://10.0.2.2:8080/")
+    assert s.startswith("#!ipxe\n")
+    assert "chain --autofree http://10.0.2.2:8080/boot/${netX/mac:hexhyp}.ipxe" in s
+
+
+def test_rescue_script() -> None:
+    s = rescue_script("http://10.0.0.1:8080", "console=ttyS0 restore.src=nbd://10.0.0.1:10809/x")
+    lines = s.splitlines()
+    assert lines[0] == "#!ipxe"
+    assert ("kernel http://10.0.0.1:8080/rescue/vmlinuz initrd=initrd.img console=ttyS0 "
+            "restore.src=nbd://10.0.0.1:10809/x") in lines  # fmt: skip
+    assert "initrd http://10.0.0.1:8080/rescue/initrd.img" in lines
+    assert lines[-1] == "boot"
+    for bad in ("a\nshell", "x=${root-path}"):
+        with pytest.raises(ScriptError):
+            rescue_script("http://10.0.0.1:8080", bad)
+
+
+def test_sanboot_script_and_root_path() -> None:
+    iqn = "iqn.2024-01.org.dr-appliance:pxe-525400000001"
+    rp = iscsi_root_path("10.0.2.2", 3260, iqn)
+    assert rp == f"iscsi:10.0.2.2::3260:1:{iqn}"  # LUN 1: tgt's LUN 0 is the controller
+    assert iscsi_root_path("fd00::1", 3260, iqn).startswith("iscsi:[fd00::1]::3260:1:")
+    assert f"sanboot {rp}\n" in sanboot_script(rp)
+    with pytest.raises(ScriptError, match="target name"):
+        iscsi_root_path("10.0.2.2", 3260, "not-an-iqn")
+    with pytest.raises(ScriptError, match="port"):
+        iscsi_root_path("10.0.2.2", 0, iqn)
+    with pytest.raises(ScriptError):
+        iscsi_root_path("10.0.2.2 ; shell", 3260, iqn)
+
+
+def test_local_and_unassigned_scripts() -> None:
+    local = local_script()
+    assert "iseq ${platform} efi && goto firmware ||" in local  # UEFI: back to the firmware
+    assert "sanboot --no-describe --drive 0x80 || goto firmware" in local  # BIOS: drive 0x80
+    s = unassigned_script("52:54:00:00:00:01")
+    assert "52:54:00:00:00:01" in s and s.rstrip().endswith("exit")
+
+
+# -- dnsmasq ------------------------------------------------------------------------------------
+
+
+def _cfg(tmp_path: Path, **kw: str) -> ProxyDhcpConfig:
+    args: dict[str, object] = {"interface": "eth9", "subnet": "192.168.77.0",
+                               "tftp_root": tmp_path / "tftp", "server_ip": "192.168.77.1",
+                               "pid_file": tmp_path / "dnsmasq.pid"}  # fmt: skip
+    args.update(kw)
+    return ProxyDhcpConfig(**args)  # type: ignore[arg-type]
+
+
+def test_dnsmasq_config_is_proxy_dhcp_and_tftp_only(tmp_path: Path) -> None:
+    conf = render_config(_cfg(tmp_path))
+    lines = conf.splitlines()
+    assert "port=0" in lines  # no DNS
+    assert "dhcp-range=192.168.77.0,proxy" in lines  # never hands out addresses
+    assert not [x for x in lines if x.startswith("dhcp-range=") and not x.endswith(",proxy")]
+    assert "enable-tftp" in lines and f"tftp-root={tmp_path / 'tftp'}" in lines
+    assert "interface=eth9" in lines
+    assert "dhcp-userclass=set:ipxe,iPXE" in lines
+    assert any(x.startswith("pxe-service=tag:!ipxe,x86PC,") and "undionly" in x for x in lines)
+    assert any(x.startswith("pxe-service=tag:!ipxe,X86-64_EFI,") and UEFI_LOADER in x
+               for x in lines)  # fmt: skip
+    assert any(x.startswith("pxe-service=tag:ipxe,x86PC,") and CHAIN_SCRIPT in x for x in lines)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("subnet", "192.168.77"), ("server_ip", "x"), ("interface", "eth0,lo"), ("interface", "")],
+)
+def test_dnsmasq_config_rejects_bad_values(tmp_path: Path, field: str, value: str) -> None:
+    with pytest.raises(DnsmasqError):
+        render_config(_cfg(tmp_path, **{field: value}))
+
+
+@pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq missing")
+def test_dnsmasq_accepts_generated_config(tmp_path: Path) -> None:
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_text(render_config(_cfg(tmp_path)))
+    check_config(conf)  # dnsmasq --test
+    conf.write_text(render_config(_cfg(tmp_path)) + "no-such-option\n")
+    with pytest.raises(DnsmasqError, match="rejects"):
+        check_config(conf)
+
+
+@pytest.mark.skipif(not Path("/usr/lib/ipxe/undionly.kpxe").exists(), reason="ipxe missing")
+def test_tftp_root_layout(tmp_path: Path) -> None:
+    root = tmp_path / "tftp"
+    prepare_tftp_root(root, "http://192.168.77.1:8080")
+    assert (root / BIOS_LOADER).stat().st_size > 0
+    assert (root / "undionly.0").read_bytes() == (root / BIOS_LOADER).read_bytes()
+    assert (root / UEFI_LOADER).stat().st_size > 0
+    assert "http://192.168.77.1:8080/boot/" in (root / CHAIN_SCRIPT).read_text()
+
+
+def test_unreadable_for_others() -> None:
+    base = Path(tempfile.mkdtemp(prefix="drpxe-unit-"))  # /tmp: world-traversable parents
+    try:
+        base.chmod(0o755)
+        closed = base / "closed"
+        (closed / "tftp").mkdir(parents=True, mode=0o755)
+        closed.chmod(0o700)
+        assert unreadable_for_others(closed / "tftp") == closed
+        closed.chmod(0o755)
+        assert unreadable_for_others(closed / "tftp") is None
+    finally:
+        shutil.rmtree(base)
+
+
+# -- boot HTTP server ---------------------------------------------------------------------------
+
+
+def test_parse_range() -> None:
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-", 100) == (90, 99)
+    assert parse_range("bytes=-10", 100) == (90, 99)
+    assert parse_range("bytes=95-200", 100) == (95, 99)
+    assert parse_range("bytes=0-1,5-6", 100) is None  # multi-range: whole file
+    for bad in ("bytes=100-", "bytes=5-4", "bytes=-0"):
+        with pytest.raises(RangeError):
+            parse_range(bad, 100)
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[tuple[BootHttpServer, list[tuple[str, str]]]]:
+    rescue = tmp_path / "rescue"
+    rescue.mkdir()
+    (rescue / "vmlinuz").write_bytes(bytes(range(256)) * 40)
+    calls: list[tuple[str, str]] = []
+
+    def script_for(mac: str, host: str) -> str:
+        calls.append((mac, host))
+        if mac.endswith("ff"):
+            raise RuntimeError("boom")
+        return f"#!ipxe\necho {mac} via {host}\n"
+
+    srv = BootHttpServer(("127.0.0.1", 0), rescue_dir=rescue, script_for=script_for)
+    srv.start()
+    try:
+        yield srv, calls
+    finally:
+        srv.stop()
+
+
+def _get(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_http_boot_script_by_mac(
+    http_server: tuple[BootHttpServer, list[tuple[str, str]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    srv, calls = http_server
+    base = f"http://127.0.0.1:{srv.port}"
+    status, _, body = _get(f"{base}/boot/52%3A54%3A00%3AAB%3A00%3A01.ipxe",
+                           {"Host": "10.0.2.2:8080"})  # fmt: skip
+    assert status == 200
+    assert body == b"#!ipxe\necho 52:54:00:ab:00:01 via 10.0.2.2\n"
+    status, _, _ = _get(f"{base}/boot/52-54-00-ab-00-02.ipxe")
+    assert status == 200 and calls[-1] == ("52:54:00:ab:00:02", "127.0.0.1")
+    assert _get(f"{base}/boot/01-00-5e-00-00-01.ipxe")[0] == 400  # multicast: not a NIC
+    assert _get(f"{base}/boot/zz-zz-zz-zz-zz-zz.ipxe")[0] == 404
+    with caplog.at_level(logging.ERROR, logger="pxe.http"):
+        assert _get(f"{base}/boot/52-54-00-ab-00-ff.ipxe")[0] == 500  # callback bug: 500
+    assert "boot HTTP request /boot/52-54-00-ab-00-ff.ipxe failed" in caplog.text
+    assert _get(f"{base}/boot/52-54-00-ab-00-03.ipxe")[0] == 200
+    assert _get(f"{base}/etc/passwd")[0] == 404
+    assert _get(f"{base}/rescue/../../etc/passwd")[0] == 404
+    status, _, body = _get(f"{base}/boot.ipxe", {"Host": "10.9.9.9:8080"})
+    assert status == 200 and b"http://10.9.9.9:8080/boot/" in body
+
+
+def test_http_rescue_files_support_ranges(
+    http_server: tuple[BootHttpServer, list[tuple[str, str]]],
+) -> None:
+    srv, _ = http_server
+    data = (srv.rescue_dir / "vmlinuz").read_bytes()
+    url = f"http://127.0.0.1:{srv.port}/rescue/vmlinuz"
+    status, headers, body = _get(url)
+    assert status == 200 and body == data and headers["Accept-Ranges"] == "bytes"
+    status, headers, body = _get(url, {"Range": "bytes=100-199"})
+    assert status == 206 and body == data[100:200]
+    assert headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    status, _, body = _get(url, {"Range": "bytes=-16"})
+    assert status == 206 and body == data[-16:]
+    status, headers, _ = _get(url, {"Range": f"bytes={len(data)}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+    status, headers, body = _get(url, method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(data)
+    status, _, _ = _get(f"http://127.0.0.1:{srv.port}/rescue/initrd.img")
+    assert status == 404  # not built
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_assign_list_unassign(point_repo: PointRepo) -> None:
+    env = {"APPLIANCE_REPO": str(point_repo.root)}
+    out = run_cli("pxe", "assign", "52-54-00-00-00-0A", "rescue", "vm1@latest", env=env).stdout
+    assert out.strip() == "52:54:00:00:00:0a: rescue vm1@latest onto /dev/sda (once)"
+    run_cli("pxe", "assign", "52:54:00:00:00:0b", "sanboot", point_repo.point, env=env)
+    run_cli("pxe", "assign", "52:54:00:00:00:0c", "local", env=env)
+    items = json.loads(run_cli("pxe", "list", "--json", env=env).stdout)
+    assert [(a["mac"], a["action"]) for a in items] == [
+        ("52:54:00:00:00:0a", "rescue"), ("52:54:00:00:00:0b", "sanboot"),
+        ("52:54:00:00:00:0c", "local"),
+    ]  # fmt: skip
+    assert "52:54:00:00:00:0b  sanboot" in run_cli("pxe", "list", env=env).stdout
+    for mac in ("52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"):
+        run_cli("pxe", "unassign", mac, env=env)
+    assert run_cli("pxe", "list", env=env).stdout.strip() == "no assignments"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("pxe", "assign", "nonsense", "local"), "bad MAC address 'nonsense'"),
+    (("pxe", "assign", "52:54:00:00:00:01", "rescue", "nosuch@latest"), "no points for source"),
+    (("pxe", "assign", "52:54:00:00:00:01", "sanboot"), "needs a point"),
+    (("pxe", "assign", "52:54:00:00:00:01", "local", "vm1@latest"), "takes no point"),
+    (("pxe", "unassign", "52:54:00:00:00:99"), "no assignment for 52:54:00:00:00:99"),
+    (("iscsi", "unexport", "nosuch"), "no iSCSI session 'nosuch'"),
+    (("iscsi", "export", "vm1@latest", "--name", "../x"), "bad session name"),
+])  # fmt: skip
+def test_cli_errors_are_one_line(
+    point_repo: PointRepo, args: tuple[str, ...], message: str
+) -> None:
+    proc = run_cli(*args, env={"APPLIANCE_REPO": str(point_repo.root)}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("appliance: error: ") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_build_iso_into_directory_is_an_error(tmp_path: Path) -> None:
+    proc = run_cli("build", "iso", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+
+
+def test_boot_planner_script_per_assignment(point_repo: PointRepo, tmp_path: Path) -> None:
+    """What the HTTP server answers for each kind of assignment (no VM, no iSCSI)."""
+    from appliance.commands.pxe import BootPlanner, IscsiSessions, assignments
+
+    root = point_repo.root
+    store = assignments(root)
+    store.set("52:54:00:00:01:01", "rescue", "vm1@latest", dst="/dev/vda")
+    store.set("52:54:00:00:01:02", "local")
+    planner = BootPlanner(
+        root, http_port=8080, nbd_port=10809, sessions=IscsiSessions(root), passphrase=None
+    )
+    try:
+        s = planner.script_for("52:54:00:00:01:01", "10.0.0.1")
+        assert "kernel http://10.0.0.1:8080/rescue/vmlinuz " in s
+        # @latest is pinned to the point's id, so a backup landing mid-restore changes nothing
+        assert f"restore.src=nbd://10.0.0.1:10809/{point_repo.point}/disk0 " in s
+        assert "restore.dst=/dev/vda restore.zero=0 restore.reboot=1" in s
+        again = planner.script_for("52:54:00:00:01:01", "10.0.0.1")
+        assert again == local_script()  # one-shot rescue
+        assert planner.script_for("52:54:00:00:01:02", "10.0.0.1") == local_script()
+        assert planner.script_for("52:54:00:00:01:09", "10.0.0.1") == unassigned_script(
+            "52:54:00:00:01:09"
+        )
+    finally:
+        for mac in ("52:54:00:00:01:01", "52:54:00:00:01:02"):
+            store.remove(mac)
+
+
+# -- iSCSI export without a VM ------------------------------------------------------------------
+
+
+@pytest.mark.nbd_client
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("tgtd", "nbdfuse", "qemu-io")),
+                    reason="needs tgt, libnbd-bin, qemu-utils")  # fmt: skip
+def test_iscsi_export_write_unexport_commit(point_repo: PointRepo, tmp_path: Path) -> None:
+    from pxeutil import teardown_iscsi
+    from vmutil import free_tcp_port
+
+    env = {"APPLIANCE_REPO": str(point_repo.root)}
+    port = free_tcp_port()
+    try:
+        s = json.loads(
+            run_cli(
+                "iscsi",
+                "export",
+                point_repo.point,
+                "--name",
+                "take1",
+                "--portal",
+                f"127.0.0.1:{port}",
+                "--json",
+                env=env,
+            ).stdout
+        )
+        # idempotent: exporting again returns the live session
+        again = json.loads(run_cli("iscsi", "export", point_repo.point, "--name", "take1",
+                                   "--json", env=env).stdout)  # fmt: skip
+        assert again["nbd_server"] == s["nbd_server"] and again["tid"] == s["tid"]
+        lun = f"iscsi://127.0.0.1:{port}/{s['iqn']}/1"
+        copy = tmp_path / "via-iscsi.img"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", lun, str(copy)], check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+        assert sha256_file(copy) == point_repo.sha256
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", lun],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        listed = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)
+        assert [(x["name"], x["alive"]) for x in listed] == [("take1", True)]
+        out = run_cli("iscsi", "unexport", "take1", "--commit", "--drop", env=env).stdout
+        new_point = out.strip().rsplit(" ", 1)[-1]
+        assert run_cli("iscsi", "list", env=env).stdout.strip() == "no iSCSI sessions"
+        assert not (point_repo.root / "pxe" / "iscsi" / "tgtd.json").exists()  # tgtd stopped
+        restored = tmp_path / "committed.img"
+        run_cli("restore", f"{new_point}/disk0", str(restored), env=env)
+        data = restored.read_bytes()
+        assert data[1 << 20 : (1 << 20) + 65536] == b"\x5a" * 65536
+        original = point_repo.disk.read_bytes()
+        assert data[: 1 << 20] == original[: 1 << 20]
+        assert data[(1 << 20) + 65536 :] == original[(1 << 20) + 65536 :]
+    finally:
+        teardown_iscsi(point_repo.root)
