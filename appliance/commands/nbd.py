@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
                    help="require TLS with this PSK file (lines 'user:hexkey')")
     s.add_argument("--overlays-only", action="store_true", help="export overlays only")
     s.add_argument("--readonly", action="store_true", help="overlays read-only too")
-    s.add_argument("--threads", type=int, help="nbdkit request threads (default 16)")
+    s.add_argument("--threads", type=int, help="nbdkit threads per connection (default: cores)")
     s.set_defaults(func=cmd_serve)
 
     o = sub.add_parser("overlay", help="writable copy-on-write sessions on image points")
