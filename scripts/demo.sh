@@ -59,7 +59,7 @@ mnt=$(sha256sum "$MNT/vm1/latest/disk0.img" | cut -d' ' -f1)
 echo "mounted  $mnt  $MNT/vm1/latest/disk0.img"
 [ "$mnt" = "$src" ] || { echo "MOUNT MISMATCH" >&2; exit 1; }
 echo "files inside partition 1 of the image, read in userspace:"
-ls "$MNT/vm1/latest/disk0/p1/" | head -5
+ls "$MNT/vm1/latest/disk0/p1/" | sed -n 1,5p
 cmp "$MNT/vm1/latest/disk0/p1/python3/copyright" /usr/share/doc/python3/copyright && echo "  python3/copyright matches the original"
 appliance --repo "$REPO" umount "$MNT"
 trap - EXIT
