@@ -110,6 +110,16 @@ class _Ingest:
         self.bs = repo.block_size
         self.zero_block = bytes(self.bs)
 
+    def _read_and_work(
+        self,
+        fd: int,
+        length: int,
+        offset: int,
+        prev: Sequence[tuple[bytes, bytes]] | None,
+        used: bytes | None,
+    ) -> list[_BlockResult]:
+        return self._work(_read_full(fd, length, offset, used, self.bs), prev, used)
+
     def _work(
         self, data: bytes, prev: Sequence[tuple[bytes, bytes]] | None, used: bytes | None
     ) -> list[_BlockResult]:
@@ -163,7 +173,6 @@ class _Ingest:
                 count = min(BATCH_BLOCKS, n_blocks - first)
                 bmask = None if mask is None else bytes(mask[first : first + count])
                 if bmask is not None and not any(bmask):
-                    data = b""
                     results = [
                         _BlockResult(
                             ZERO_ID, ZERO_FP, 0, None, min(bs, size - (first + j) * bs), False
@@ -179,12 +188,14 @@ class _Ingest:
                 else:
                     offset = first * bs
                     want = min(count * bs, size - offset)
-                    data = _read_full(fd, want, offset, bmask, bs)
                     self.stats.read_bytes += want if bmask is None else sum(bmask) * bs
                     prev = None
                     if base_iter is not None:
                         prev = [e for _, e in zip(range(count), base_iter, strict=False)]
-                    inflight.append(self.pool.submit(self._work, data, prev, bmask))
+                    # the worker reads its own batch: reads overlap with hashing on all cores
+                    inflight.append(
+                        self.pool.submit(self._read_and_work, fd, want, offset, prev, bmask)
+                    )
                 while len(inflight) >= window or (inflight and inflight[0].done()):
                     done += self._consume(inflight.popleft().result(), builder)
                     self._report(done)
