@@ -106,3 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         print("appliance: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(rc or 0)
+
+
+if __name__ == "__main__":
+    main()

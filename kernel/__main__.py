@@ -3,9 +3,13 @@
     python -m kernel testdisk OUT --marker M [--size-mib 16]
     python -m kernel rescue OUTDIR
     python -m kernel iso --out OUT [--cmdline "..."] [--kernel K --initrd I]
+                         [--with-installer [--install-dst /dev/sda] [--default install]
+                          [--menu-timeout S]]
+    python -m kernel appliance-image OUT [--size-mib N]
 
-``iso`` without ``--kernel/--initrd`` packs the rescue system. Failures print one line on stderr
-(``kernel: error: ...``) and exit with status 1.
+``iso`` without ``--kernel/--initrd`` packs the rescue system; ``--with-installer`` adds the
+``install`` boot entry that writes the appliance disk image (shipped on the ISO) to a disk.
+Failures print one line on stderr (``kernel: error: ...``) and exit with status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from kernel.initramfs import KernelBuildError
-from kernel.iso import build_iso
+from kernel.installer import build_appliance_image, installer_iso_extras
+from kernel.iso import DEFAULT_MENU_TIMEOUT_S, RESCUE_LABEL, IsoEntry, build_iso
 from kernel.rescue import RESCUE_CMDLINE, build_rescue
 from kernel.testdisk import build_boot_disk
 
@@ -42,7 +47,29 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--cmdline", default=RESCUE_CMDLINE)
     i.add_argument("--kernel", type=Path, help="default: the rescue kernel")
     i.add_argument("--initrd", type=Path, help="default: the rescue initramfs")
+    i.add_argument("--with-installer", action="store_true",
+                   help="add the 'install' entry and the appliance disk image")  # fmt: skip
+    i.add_argument("--install-dst", default="/dev/sda", help="disk the installer overwrites")
+    i.add_argument("--default", default=RESCUE_LABEL,
+                   help=f"entry booted by default ({RESCUE_LABEL} = rescue, install)")  # fmt: skip
+    i.add_argument("--menu-timeout", type=int, default=DEFAULT_MENU_TIMEOUT_S,
+                   help="seconds the boot prompt waits (with --with-installer)")  # fmt: skip
+
+    a = sub.add_parser("appliance-image", help="build the bootable appliance disk image")
+    a.add_argument("out", type=Path)
+    a.add_argument("--size-mib", type=int, help="default: just big enough (+ slack)")
     return p
+
+
+def _iso(args: argparse.Namespace, kernel: Path, initrd: Path) -> None:
+    entries: list[IsoEntry] = []
+    files: dict[str, Path] = {}
+    if args.with_installer:
+        entries, files = installer_iso_extras(dst=args.install_dst)
+    elif args.default != RESCUE_LABEL:
+        raise KernelBuildError(f"--default {args.default} needs --with-installer")
+    build_iso(args.out, kernel, initrd, args.cmdline, extra_entries=entries, extra_files=files,
+              default=args.default, menu_timeout_s=args.menu_timeout)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.kernel is None:
                 with tempfile.TemporaryDirectory(prefix="rescue-") as td:
                     kernel, initrd = build_rescue(Path(td))
-                    build_iso(args.out, kernel, initrd, args.cmdline)
+                    _iso(args, kernel, initrd)
             else:
-                build_iso(args.out, args.kernel, args.initrd, args.cmdline)
+                _iso(args, args.kernel, args.initrd)
             print(args.out)
+        elif args.command == "appliance-image":
+            print(build_appliance_image(args.out, size_mib=args.size_mib))
     except (KernelBuildError, OSError) as exc:
         print(f"kernel: error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Build sub-commands: `build rescue [--out DIR]`, `build iso --out FILE`.
+"""Build sub-commands: `build rescue [--out DIR]`, `build iso --out FILE`,
+`build installer-iso --out FILE` (rescue + the appliance installer).
 
 Thin: runs the build-time `kernel` package as a subprocess (`python -m kernel ...`); nothing at
 runtime may import `kernel`. Failures are one line (the kernel tool's own message).
@@ -36,6 +37,17 @@ def register(sub: Any) -> None:
     i.add_argument("--out", type=Path, required=True, help="ISO file to write")
     i.add_argument("--cmdline", help="kernel command line (default: the rescue default)")
     i.set_defaults(func=cmd_iso)
+    n = bsub.add_parser(
+        "installer-iso",
+        help="hybrid ISO: the rescue system (default) + an 'install' entry writing the appliance "
+        "to a disk",
+    )
+    n.add_argument("--out", type=Path, required=True, help="ISO file to write")
+    n.add_argument("--install-dst", default="/dev/sda", help="disk the installer overwrites")
+    n.add_argument("--default", default="linux", choices=["linux", "install"],
+                   help="entry booted when nobody chooses (linux = rescue)")  # fmt: skip
+    n.add_argument("--menu-timeout", type=int, default=5, help="seconds the boot prompt waits")
+    n.set_defaults(func=cmd_installer_iso)
 
 
 def run_kernel_tool(args: list[str], *, timeout_s: float = 600) -> list[str]:
@@ -76,5 +88,18 @@ def cmd_iso(args: argparse.Namespace) -> int:
         raise UserError(f"{out} is a directory; give the ISO file name")
     extra = ["--cmdline", args.cmdline] if args.cmdline else []
     run_kernel_tool(["iso", "--out", str(out.resolve()), *extra])
+    print(out)
+    return 0
+
+
+def cmd_installer_iso(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out} is a directory; give the ISO file name")
+    run_kernel_tool([
+        "iso", "--out", str(out.resolve()), "--with-installer",
+        "--install-dst", args.install_dst, "--default", args.default,
+        "--menu-timeout", str(args.menu_timeout),
+    ])  # fmt: skip
     print(out)
     return 0

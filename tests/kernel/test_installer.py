@@ -1,0 +1,221 @@
+"""Tests for kernel/installer.py: the appliance disk image, the installer ISO, and a full install.
+
+The VM test boots the installer ISO under QEMU TCG with a blank disk (``install`` entry selected by
+building the ISO with ``--default install --menu-timeout 0``), waits for ``INSTALL OK``, then boots
+the disk alone twice: the first boot creates the appliance's repository, the second finds it.
+Every guest is bounded by a timeout and stopped by PID (``vmutil``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from vmutil import run_qemu
+
+from kernel.__main__ import main as kernel_main
+from kernel.initramfs import KernelBuildError
+from kernel.installer import (
+    BOOT_PART_MIB,
+    ISO_IMAGE_PATH,
+    PROJECT_PACKAGES,
+    READY_MARKER,
+    SITE_EXCLUDE,
+    STDLIB_EXCLUDE,
+    _excluded,
+    build_appliance_image,
+    cached_appliance_image,
+    installer_iso_extras,
+)
+from kernel.iso import IsoEntry, isolinux_cfg
+from kernel.testdisk import MBR_BIN, PARTITION_START_LBA, SECTOR
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+INSTALL_TIMEOUT_S = 120
+BOOT_TIMEOUT_S = 90
+FAIL_ON = (
+    "Kernel panic",
+    "No bootable device",
+    "INSTALL FAILED",
+    "INSTALL WARNING",
+    "APPLIANCE BOOT FAILED",
+    "Traceback",
+)
+
+
+def sfdisk_json(disk: Path) -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["sfdisk", "-J", str(disk)], check=True, capture_output=True, text=True
+    ).stdout
+    parts: list[dict[str, object]] = json.loads(out)["partitiontable"]["partitions"]
+    return parts
+
+
+# --------------------------------------------------------------------------------------------
+# no VM
+
+
+def test_isolinux_cfg_rescue_only_is_unchanged() -> None:
+    assert isolinux_cfg("console=ttyS0") == (
+        "SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\n"
+        "LABEL linux\n  KERNEL /boot/vmlinuz\n  INITRD /boot/initrd.img\n"
+        "  APPEND console=ttyS0\n"
+    )
+
+
+def test_isolinux_cfg_with_install_entry() -> None:
+    entry = IsoEntry("install", "/boot/vmlinuz", "/boot/install.img", "console=ttyS0 install.x=1")
+    cfg = isolinux_cfg("console=ttyS0", extra_entries=[entry], menu_timeout_s=7)
+    assert "DEFAULT linux\nPROMPT 1\nTIMEOUT 70\n" in cfg
+    assert "LABEL install\n  KERNEL /boot/vmlinuz\n  INITRD /boot/install.img\n" in cfg
+    assert "  APPEND console=ttyS0 install.x=1\n" in cfg
+    cfg0 = isolinux_cfg("c", extra_entries=[entry], default="install", menu_timeout_s=0)
+    assert "DEFAULT install\nPROMPT 0\nTIMEOUT 0\n" in cfg0
+    with pytest.raises(KernelBuildError, match="unknown default"):
+        isolinux_cfg("c", extra_entries=[entry], default="nope")
+    with pytest.raises(KernelBuildError, match="unknown default"):
+        isolinux_cfg("c", default="install")
+    with pytest.raises(KernelBuildError, match="duplicate"):
+        isolinux_cfg("c", extra_entries=[IsoEntry("linux", "/k", "/i", "c")])
+
+
+def test_exclusions_keep_runtime_dependencies() -> None:
+    for name in ("trio", "lmdb", "cryptography", "pyzstd", "blake3", "dissect", "msgpack",
+                 "libvirt.py", "qemu", "lzo.cpython-311-x86_64-linux-gnu.so", "_cffi_backend"
+                 ".cpython-311-x86_64-linux-gnu.so", "pyfuse3", "xxhash", "pyfastcdc"):  # fmt: skip
+        assert not _excluded(name, SITE_EXCLUDE), name
+    for name in ("mypy", "_pytest", "pip", "hypothesis", "__editable__.dr_appliance-0.1.0.pth",
+                 "6ec57f84c680d3a3778b__mypyc.cpython-311-x86_64-linux-gnu.so"):  # fmt: skip
+        assert _excluded(name, SITE_EXCLUDE), name
+    assert _excluded("test", STDLIB_EXCLUDE)
+    assert not _excluded("json", STDLIB_EXCLUDE)
+
+
+def test_cli_rejects_default_install_without_installer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert kernel_main(["iso", "--out", str(tmp_path / "x.iso"), "--default", "install"]) == 1
+    assert "needs --with-installer" in capsys.readouterr().err
+
+
+def test_install_dst_is_validated() -> None:
+    with pytest.raises(KernelBuildError, match="bad install destination"):
+        installer_iso_extras(dst="sda")
+
+
+def test_appliance_build_installer_iso_runs_kernel_tool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.cli import main as appliance_main
+    from appliance.commands import build
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(build, "run_kernel_tool", lambda args, **_: calls.append(args) or [])
+    out = tmp_path / "i.iso"
+    with pytest.raises(SystemExit) as exc:
+        appliance_main(["build", "installer-iso", "--out", str(out), "--default", "install"])
+    assert exc.value.code == 0
+    assert calls == [[
+        "iso", "--out", str(out.resolve()), "--with-installer", "--install-dst", "/dev/sda",
+        "--default", "install", "--menu-timeout", "5",
+    ]]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_appliance_image_layout(tmp_path: Path) -> None:
+    start = time.monotonic()
+    disk = build_appliance_image(tmp_path / "app.img", project_root=PROJECT_ROOT)
+    log.info("appliance image: %.1fs, %d MiB", time.monotonic() - start, disk.stat().st_size >> 20)
+    data = disk.read_bytes()
+    assert data[:440] == MBR_BIN.read_bytes()[:440]
+    assert data[510:512] == b"\x55\xaa"
+    parts = sfdisk_json(disk)
+    assert [(p["start"], p["type"], p.get("bootable", False)) for p in parts] == [
+        (PARTITION_START_LBA, "6", True),
+        (PARTITION_START_LBA + BOOT_PART_MIB * 2048, "83", False),
+    ]
+    root_off = int(str(parts[1]["start"])) * SECTOR
+    assert data[root_off + 1024 + 0x38 : root_off + 1024 + 0x3A] == b"\x53\xef"  # ext4 magic
+    # the image is cached: a second build is a copy
+    start = time.monotonic()
+    assert cached_appliance_image(project_root=PROJECT_ROOT).stat().st_size == len(data)
+    assert time.monotonic() - start < 5
+    assert set(PROJECT_PACKAGES) >= {"appliance", "dedupstore"}
+
+
+# --------------------------------------------------------------------------------------------
+# VM: install from the ISO onto a blank disk, boot the installed appliance
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
+    iso = tmp_path / "installer.iso"
+    start = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "kernel", "iso", "--out", str(iso), "--with-installer",
+         "--default", "install", "--menu-timeout", "0"],
+        check=True, cwd=PROJECT_ROOT, timeout=600,
+    )  # fmt: skip
+    log.info("installer ISO: %.1fs, %.1f MiB", time.monotonic() - start, iso.stat().st_size / 2**20)
+    image = cached_appliance_image(project_root=PROJECT_ROOT)
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(512 << 20)
+
+    result = run_qemu(
+        ["-cdrom", str(iso), "-drive", f"file={disk},format=raw,if=ide", "-boot", "d"],
+        serial_log=tmp_path / "install.log",
+        wait_for="INSTALL OK",
+        fail_on=FAIL_ON,
+        timeout_s=INSTALL_TIMEOUT_S,
+        expect_exit=True,
+    )
+    log.info("install: INSTALL OK after %.1fs", result.elapsed_s)
+    assert f"/dev/sr0:{ISO_IMAGE_PATH} -> /dev/sda" in result.log
+    assert "INSTALL GROW /dev/sda2" in result.log
+    # the boot partition arrived intact; partition 2 now ends at the end of the disk
+    boot_bytes = (PARTITION_START_LBA + BOOT_PART_MIB * 2048) * SECTOR
+    with disk.open("rb") as d, image.open("rb") as i:
+        assert d.read(440) == i.read(440)
+        d.seek(PARTITION_START_LBA * SECTOR)
+        i.seek(PARTITION_START_LBA * SECTOR)
+        assert d.read(BOOT_PART_MIB << 20) == i.read(BOOT_PART_MIB << 20)
+    parts = sfdisk_json(disk)
+    end = int(str(parts[1]["start"])) + int(str(parts[1]["size"]))
+    assert end == disk.stat().st_size // SECTOR
+
+    first = run_qemu(
+        ["-drive", f"file={disk},format=raw,if=ide", "-boot", "c"],
+        serial_log=tmp_path / "boot1.log",
+        wait_for="APPLIANCE RESULT",
+        fail_on=FAIL_ON,
+        timeout_s=BOOT_TIMEOUT_S,
+        expect_exit=True,
+    )
+    log.info("installed appliance, first boot: result after %.1fs", first.elapsed_s)
+    assert READY_MARKER in first.log
+    assert "initialised repository /var/lib/appliance/repo" in first.log
+    assert "APPLIANCE RESULT rc=0" in first.log
+    root_k = int(first.log.split("APPLIANCE ROOT ")[1].split("K")[0])
+    assert root_k * 1024 > image.stat().st_size - boot_bytes  # grown beyond the image
+
+    second = run_qemu(
+        ["-drive", f"file={disk},format=raw,if=ide", "-boot", "c"],
+        serial_log=tmp_path / "boot2.log",
+        wait_for="APPLIANCE RESULT",
+        fail_on=FAIL_ON,
+        timeout_s=BOOT_TIMEOUT_S,
+        expect_exit=True,
+    )
+    log.info("installed appliance, second boot: result after %.1fs", second.elapsed_s)
+    assert "APPLIANCE RUN points" in second.log
+    assert "no points" in second.log
+    assert "APPLIANCE RESULT rc=0" in second.log
