@@ -94,13 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, StoreError) as exc:
         print(f"appliance: error: {exc}", file=sys.stderr)
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
-    except FileNotFoundError as exc:
-        print(
-            f"appliance: error: {exc.filename or exc}: no such file or directory", file=sys.stderr
-        )
-        raise SystemExit(2) from None
-    except PermissionError as exc:
-        print(f"appliance: error: {exc.filename or exc}: permission denied", file=sys.stderr)
+    except OSError as exc:  # a file or device problem the user can act on: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"appliance: error: {where}{exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)

@@ -50,7 +50,13 @@ def _acquire_env(path: Path) -> lmdb.Environment:
     with _ENVS_LOCK:
         env, refs = _ENVS.get(key, (None, 0))
         if env is None:
-            env = _open_env(path)
+            try:
+                env = _open_env(path)
+            except lmdb.Error as exc:
+                raise StoreError(
+                    f"cannot open the index at {path}: {exc} "
+                    "(appliance repair --rebuild-index recreates it from the packs)"
+                ) from exc
         _ENVS[key] = (env, refs + 1)
         return env
 

@@ -430,6 +430,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    try:
+        with open_repo(args, writable=True):
+            pass
+    except ds.StoreError as exc:
+        if isinstance(exc, ds.WrongPassphrase | ds.Locked | ds.NotFound):
+            raise
+        # The index itself is unreadable: keep it aside and rebuild into a fresh one.
+        index = repo_path(args) / "index"
+        aside = index.with_name(f"index.damaged-{int(time.time())}")
+        index.rename(aside)
+        print(f"index unreadable ({exc}); moved it to {aside}")
     with open_repo(args, writable=True) as repo:
         prog = Progress("rebuild index")
         try:

@@ -158,3 +158,17 @@ def test_used_only_backup_of_ext4_image(tmp_path: Path) -> None:
     # file-level restore straight out of the image point
     run_cli("--repo", r, "restore", "u@latest/disk0/p1/f7.bin", str(tmp_path / "f7.bin"))
     assert (tmp_path / "f7.bin").read_bytes() == (src / "f7.bin").read_bytes()
+
+
+def test_repair_a_garbage_index(tmp_path: Path) -> None:
+    """An unreadable index is a one-line error; repair rebuilds it from the packs."""
+    r = str(tmp_path / "r")
+    img = make_image(tmp_path / "d.img", 3)
+    run_cli("--repo", r, "init")
+    run_cli("--repo", r, "backup", "image", str(img), "--source", "vm1")
+    (tmp_path / "r" / "index" / "data.mdb").write_bytes(b"garbage" * 100)
+    bad = run_cli("--repo", r, "points", check=False)
+    assert bad.returncode != 0 and "rebuild-index" in bad.stderr and "Traceback" not in bad.stderr
+    run_cli("--repo", r, "repair", "--rebuild-index")
+    run_cli("--repo", r, "restore", "vm1@latest", str(tmp_path / "o.img"))
+    assert sha256_file(tmp_path / "o.img") == sha256_file(img)
