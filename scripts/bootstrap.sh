@@ -11,7 +11,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-block-extra ipxe ipxe-qemu tgt dnsmasq
   linux-image-amd64 busybox-static syslinux syslinux-common extlinux isolinux
   mtools dosfstools xorriso e2fsprogs xfsprogs ntfs-3g fdisk gdisk
-  libvirt-daemon-system borgbackup restic python3-pyfuse3 ovmf time
+  libvirt-daemon-system borgbackup restic python3-pyfuse3 ovmf time cpio iproute2 kmod
 )
 
 stamp_dir=.venv/.stamps
