@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import ChunkCorrupt
 from .formats import (
@@ -37,6 +37,29 @@ def depth_for(n_blocks: int) -> int:
         depth += 1
         span *= PAGE_FANOUT
     return depth
+
+
+def zero_runs(
+    offset: int, end: int, block_size: int, zero_flags: Iterable[bool]
+) -> Iterator[tuple[int, int, bool]]:
+    """Merge per-block zero flags into runs of (offset, length, is_zero) over [offset, end).
+
+    `zero_flags` starts at the block holding `offset`; the first and last runs are clipped
+    to `offset` and `end` (NBD block status and FUSE/SEEK_HOLE views use these runs).
+    """
+    if offset >= end:
+        return
+    pos = (offset // block_size) * block_size
+    run_start, run_zero = offset, None
+    for z in zero_flags:
+        if run_zero is None:
+            run_zero = z
+        elif z != run_zero:
+            yield run_start, pos - run_start, run_zero
+            run_start, run_zero = pos, z
+        pos += block_size
+    if run_zero is not None:
+        yield run_start, end - run_start, run_zero
 
 
 class BlockMapBuilder:

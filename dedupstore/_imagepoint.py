@@ -26,7 +26,7 @@ from typing import Any
 
 import xxhash
 
-from ._blockmap import BlockMap, BlockMapBuilder
+from ._blockmap import BlockMap, BlockMapBuilder, zero_runs
 from ._repo import Point, Repository, validate_source_name
 from .errors import InvalidArgument, NotFound, StoreError
 from .formats import ZERO_FP, ZERO_ID, ChunkId, Kind
@@ -433,22 +433,10 @@ class DiskReader:
     ) -> Iterator[tuple[int, int, bool]]:
         """Runs of (offset, length, is_zero) covering [offset, offset+length)."""
         end = self.size if length is None else min(self.size, offset + length)
-        if offset >= end:
-            return
         bs = self.block_size
         first, last = offset // bs, (end + bs - 1) // bs
-        run_start, run_zero = offset, None
-        pos = first * bs
-        for cid, _fp in self.map.entries(first, last):
-            z = cid == ZERO_ID
-            if run_zero is None:
-                run_zero = z
-            elif z != run_zero:
-                yield run_start, pos - run_start, run_zero
-                run_start, run_zero = pos, z
-            pos += bs
-        if run_zero is not None:
-            yield run_start, end - run_start, run_zero
+        flags = (cid == ZERO_ID for cid, _fp in self.map.entries(first, last))
+        yield from zero_runs(offset, end, bs, flags)
 
 
 def disk_readers(repo: Repository, point: Point) -> list[DiskReader]:

@@ -53,10 +53,11 @@ from typing import Any
 
 import xxhash
 
-from ._blockmap import BlockMapBuilder
+from ._blockmap import BlockMapBuilder, zero_runs
 from ._imagepoint import DiskReader, disk_readers
+from ._lockfile import take_flock
 from ._repo import Point, Repository
-from .errors import AlreadyExists, InvalidArgument, Locked, NotFound, StoreError
+from .errors import AlreadyExists, InvalidArgument, NotFound, StoreError
 from .formats import ZERO_FP, ZERO_ID, ChunkId, Kind
 
 log = logging.getLogger(__name__)
@@ -206,16 +207,7 @@ def _is_locked(lock_path: Path) -> bool:
 
 def _take_overlay_lock(path: Path, purpose: str) -> int:
     """Exclusive, non-blocking flock on `<overlay>/lock`. Raises Locked with the holder."""
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise Locked(f"overlay {path.name} is in use ({holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{purpose} by pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
-    return fd
+    return take_flock(path / LOCK_FILE, purpose=purpose, busy=f"overlay {path.name} is in use")
 
 
 @contextlib.contextmanager
@@ -530,22 +522,14 @@ class OverlayDisk:
     ) -> Iterator[tuple[int, int, bool]]:
         """Runs of (offset, length, is_zero) covering [offset, offset+length)."""
         end = self.size if length is None else min(self.size, offset + length)
-        if offset >= end:
-            return
         bs = self.block_size
         first, last = offset // bs, (end + bs - 1) // bs
-        run_start, run_zero = offset, None
-        for i, (cid, _fp) in enumerate(self._base.map.entries(first, last)):
-            b = first + i
-            state = self._map[b]
-            z = state == ZERO or (state == BASE and cid == ZERO_ID)
-            if run_zero is None:
-                run_zero = z
-            elif z != run_zero:
-                yield run_start, b * bs - run_start, run_zero
-                run_start, run_zero = b * bs, z
-        if run_zero is not None:
-            yield run_start, end - run_start, run_zero
+        states = self._map
+        flags = (
+            states[first + i] == ZERO or (states[first + i] == BASE and cid == ZERO_ID)
+            for i, (cid, _fp) in enumerate(self._base.map.entries(first, last))
+        )
+        yield from zero_runs(offset, end, bs, flags)
 
     def states(self) -> bytes:
         """A copy of the block map (BASE/DELTA/ZERO per block)."""

@@ -15,7 +15,6 @@ sees a point whose chunks are not durable.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -31,6 +30,7 @@ import msgpack
 from ._codec import ChunkCodec, parse_compression
 from ._config import RepoConfig, new_config, read_config, unwrap_keys, write_config
 from ._index import Index, Loc, point_key
+from ._lockfile import take_flock
 from ._pack import PackWriter, pack_path, scan_pack
 from .errors import (
     ChunkCorrupt,
@@ -540,17 +540,9 @@ class Repository:
 
 
 def _take_writer_lock(root: Path) -> int:
-    path = root / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise Locked(f"repository {root} is busy: a writer is running ({holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
-    return fd
+    return take_flock(
+        root / "lock", purpose="writer", busy=f"repository {root} is busy: a writer is running"
+    )
 
 
 __all__ = ["Point", "PutResult", "Repository", "StoreError", "split_ref"]

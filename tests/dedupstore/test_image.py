@@ -135,3 +135,13 @@ def test_bad_inputs(repo_dir: Path, tmp_path: Path) -> None:
             repo.resolve("ghost@latest")
         with pytest.raises(InvalidArgument):
             repo.resolve("@latest")
+
+
+def test_zero_runs_clip_and_merge() -> None:
+    from dedupstore._blockmap import zero_runs
+
+    flags = [True, True, False, False, True]
+    assert list(zero_runs(10, 5 * 100 - 7, 100, flags)) == [
+        (10, 190, True), (200, 200, False), (400, 93, True)]
+    assert list(zero_runs(250, 260, 100, [False])) == [(250, 10, False)]
+    assert list(zero_runs(5, 5, 100, [])) == []
