@@ -98,7 +98,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run the FUSE mount read benchmark instead (bench.mount_bench; same options)",
     )
-    args = p.parse_args(argv)
+    return normalise_tool_args(p, p.parse_args(argv))
+
+
+def normalise_tool_args(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.Namespace:
+    """Shared by every benchmark: expand `--only a,b` and make `--appliance` absolute."""
     only: set[str] = set()
     for item in args.only:
         for name in item.split(","):

@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.cli import normalise_tool_args
 from bench.dataset import GIB, MIB, STAMP_NAME, Dataset, DatasetSpec, ensure_dataset
 from bench.measure import dir_bytes, drop_caches, run_measured
 from bench.tools import Borg, Kind, Ours, Restic, Tool, probe_ours, probe_program
@@ -700,20 +701,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--timeout-s", type=float, default=1800.0, help="timeout of a backup or a sequential pass"
     )
-    args = p.parse_args(argv)
-    only: set[str] = set()
-    for item in args.only:
-        for name in item.split(","):
-            if name.strip() not in FAMILIES:
-                p.error(f"--only: unknown tool {name!r} (choose from {', '.join(FAMILIES)})")
-            only.add(name.strip())
-    args.only = only or set(FAMILIES)
-    if "/" in str(args.appliance):
-        args.appliance = args.appliance.resolve()
-    else:
-        found = shutil.which(str(args.appliance))
-        args.appliance = Path(found) if found else args.appliance
-    return args
+    return normalise_tool_args(p, p.parse_args(argv))
 
 
 def _stamp_conflict(data: Path, spec: DatasetSpec) -> str | None:
