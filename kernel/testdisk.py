@@ -69,7 +69,9 @@ DISK_MODULES = (
 
 _MARKER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
-INIT_SCRIPT = r"""#!/bin/sh
+#: The guest's start, shared by every test guest: mounts, marker, modules, then waits for
+#: the first disk and sets `$dev` and `$sectors` (other guests append their own body).
+INIT_HEAD = r"""#!/bin/sh
 # DR Appliance test-disk init (kernel/testdisk.py)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -97,6 +99,9 @@ if [ -z "$dev" ]; then
     poweroff -f
 fi
 sectors=$(cat "/sys/block/$dev/size")
+"""
+
+INIT_SCRIPT = INIT_HEAD + r"""
 hex=$(dd if="/dev/$dev" bs=512 skip=$((2048 + read_n)) count=1 2>/dev/null | sha256sum)
 echo "READ ${hex%% *}"
 lba=$((sectors - 64))

@@ -25,30 +25,11 @@ from kernel.initramfs import (
     find_kernel,
     write_cached,
 )
-from kernel.testdisk import DISK_MODULES, PARTITION_START_LBA, SECTOR
+from kernel.testdisk import DISK_MODULES, INIT_HEAD, PARTITION_START_LBA, SECTOR
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TICKER_INIT = r"""#!/bin/sh
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-marker=UNKNOWN
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in testdisk.marker=*) marker="${arg#testdisk.marker=}" ;; esac
-done
-echo "$marker BOOTED"
-while read -r mod; do insmod "$mod" 2>/dev/null; done < /lib/modules/load.order
-dev=
-i=0
-while [ -z "$dev" ] && [ $i -lt 150 ]; do
-    for d in vda sda; do [ -b "/dev/$d" ] && dev=$d; done
-    [ -n "$dev" ] || sleep 0.1
-    i=$((i + 1))
-done
-[ -n "$dev" ] || { echo "$marker NO DISK"; poweroff -f; }
-sectors=$(cat "/sys/block/$dev/size")
+TICKER_INIT = INIT_HEAD + r"""
 yes "EARLY-$marker" | head -c 512 > /tmp/early
 dd if=/tmp/early of="/dev/$dev" bs=512 seek=$((sectors - 128)) count=1 \
     conv=notrunc,fsync 2>/dev/null
