@@ -139,13 +139,16 @@ def marker_cmdline(marker: str, read_n: int = 0) -> str:
     return f"{BASE_CMDLINE} testdisk.marker={marker}{extra}"
 
 
-def build_initramfs() -> BootFiles:
-    """Debian's kernel and the (cached) test initramfs; the marker comes from the cmdline."""
+def build_initramfs(init_script: str = INIT_SCRIPT, cache_name: str = "testdisk") -> BootFiles:
+    """Debian's kernel and the (cached) test initramfs; the marker comes from the cmdline.
+
+    Other test guests pass their own `/init` (usually `INIT_HEAD` + a body).
+    """
     kernel, version = find_kernel()
     tree = ModuleTree.load(version)
     order = tree.load_order(DISK_MODULES)
     key = [
-        INIT_SCRIPT,
+        init_script,
         file_fingerprint(Path("/bin/busybox")),
         version,
         *(file_fingerprint(tree.root / rel) for rel in order),
@@ -156,10 +159,10 @@ def build_initramfs() -> BootFiles:
         add_base_layout(cpio)
         add_busybox(cpio)
         add_modules(cpio, tree, DISK_MODULES)
-        cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+        cpio.file("init", init_script.encode(), 0o755)
         return cpio.finish()
 
-    initrd = write_cached(key, "testdisk", build, compress=True)
+    initrd = write_cached(key, cache_name, build, compress=True)
     return BootFiles(kernel=kernel, initrd=initrd)
 
 

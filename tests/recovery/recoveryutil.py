@@ -15,17 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernel.initramfs import (
-    CpioWriter,
-    ModuleTree,
-    add_base_layout,
-    add_busybox,
-    add_modules,
-    file_fingerprint,
-    find_kernel,
-    write_cached,
-)
-from kernel.testdisk import DISK_MODULES, INIT_HEAD, PARTITION_START_LBA, SECTOR
+from kernel.testdisk import INIT_HEAD, PARTITION_START_LBA, SECTOR, build_initramfs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,21 +52,7 @@ def build_testdisk(out: Path, marker: str, size_mib: int = 16) -> Path:
 
 
 def ticker_initrd() -> Path:
-    _kernel, version = find_kernel()
-    tree = ModuleTree.load(version)
-    order = tree.load_order(DISK_MODULES)
-    key = [TICKER_INIT, file_fingerprint(Path("/bin/busybox")), version,
-           *(file_fingerprint(tree.root / rel) for rel in order)]  # fmt: skip
-
-    def build() -> bytes:
-        cpio = CpioWriter()
-        add_base_layout(cpio)
-        add_busybox(cpio)
-        add_modules(cpio, tree, DISK_MODULES)
-        cpio.file("init", TICKER_INIT.encode(), 0o755)
-        return cpio.finish()
-
-    return write_cached(key, "recovery-ticker", build, compress=True)
+    return build_initramfs(TICKER_INIT, "recovery-ticker").initrd
 
 
 def build_ticker_disk(out: Path, marker: str, size_mib: int = 16) -> Path:
