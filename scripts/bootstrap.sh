@@ -49,3 +49,14 @@ if [ ! -f "$stamp_dir/pip" ] || [ pyproject.toml -nt "$stamp_dir/pip" ]; then
   fi
   touch "$stamp_dir/pip"
 fi
+
+# The acceptance commands and the README call `appliance` bare: put this checkout's on PATH
+# (root only; an existing link is re-pointed, a file that is not a link is left alone).
+link=/usr/local/bin/appliance
+if [ "$(id -u)" -eq 0 ] && [ -d /usr/local/bin ] && { [ -L "$link" ] || [ ! -e "$link" ]; }; then
+  target="$(pwd)/.venv/bin/appliance"
+  if [ "$(readlink "$link" 2>/dev/null)" != "$target" ]; then
+    ln -sfn "$target" "$link"
+    echo "bootstrap: $link -> $target"
+  fi
+fi
