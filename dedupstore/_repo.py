@@ -47,6 +47,7 @@ from .formats import (
     ENTRY_HEADER,
     ENTRY_HEADER_CRC_SPAN,
     ENTRY_TAG,
+    PACK_HEADER,
     PACK_SUFFIX,
     ZERO_ID,
     ChunkId,
@@ -254,6 +255,10 @@ class Repository:
 
     def _salvage(self, path: Path) -> None:
         try:
+            if path.stat().st_size < PACK_HEADER.size:  # killed between create and header
+                log.info("removing unsealed pack %s that has no header yet", path)
+                path.unlink()
+                return
             scan = scan_pack(path)
         except (FormatError, OSError) as exc:
             log.warning("ignoring unreadable pack %s: %s", path, exc)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from testlib import BIN, make_image, run_cli, sha256_file
 
-from dedupstore import Repository, verify
+from dedupstore import Kind, Repository, verify
 
 
 def _pack_count(repo: Path) -> int:
@@ -86,3 +86,26 @@ def test_torn_pack_tail_is_salvaged(repo_dir: Path, tmp_path: Path) -> None:
         for c in ids[:9]:
             assert len(r2.get(c, verify_id=True)) == 30_000
     print(sys.version)
+
+
+def test_headerless_pack_is_removed_and_garbage_pack_kept(repo_dir: Path) -> None:
+    """A pack killed before its header is empty: dropped. One with a garbage header is kept."""
+    import logging
+
+    from testlib import assert_logs
+
+    from dedupstore._pack import pack_path
+
+    empty, garbage = pack_path(repo_dir, "capacity", 0xF0), pack_path(repo_dir, "capacity", 0xF1)
+    for p in (empty, garbage):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    empty.write_bytes(b"DRP")
+    garbage.write_bytes(os.urandom(4096))
+    with assert_logs(r"ignoring unreadable pack .*00000000000000f1\.pack", count=1), \
+            Repository.open(repo_dir, writable=True) as r:
+        assert verify(r).ok
+    assert not empty.exists()
+    assert garbage.exists()  # not ours to delete: a rebuild or a person may want it
+    with assert_logs("ignoring unreadable pack", level=logging.WARNING), \
+            Repository.open(repo_dir, writable=True) as r:
+        assert r.put(Kind.FILE, b"x" * 1000).chunk_id  # ids move past both files

@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from testlib import run_cli, sha256_file
+
+__all__ = ["run_cli", "sha256_file"]  # re-exported for the pxe tests
+
 BIN = Path(sys.executable).parent
 MARKER = "PXEDISK"
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout_s: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """`appliance ARGS` in a subprocess; AssertionError with its output if it fails."""
-    proc = subprocess.run([str(BIN / "appliance"), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout_s)  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"appliance {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pxeutil import PointRepo, run_cli, sha256_file
+from testlib import assert_logs
 
 from pxe.assignments import Assignment, AssignmentError, AssignmentStore, normalize_mac
 from pxe.dnsmasq import (
@@ -301,7 +302,7 @@ def _get(
 
 
 def test_http_boot_script_by_mac(
-    http_server: tuple[BootHttpServer, list[tuple[str, str]]], caplog: pytest.LogCaptureFixture
+    http_server: tuple[BootHttpServer, list[tuple[str, str]]],
 ) -> None:
     srv, calls = http_server
     base = f"http://127.0.0.1:{srv.port}"
@@ -313,9 +314,9 @@ def test_http_boot_script_by_mac(
     assert status == 200 and calls[-1] == ("52:54:00:ab:00:02", "127.0.0.1")
     assert _get(f"{base}/boot/01-00-5e-00-00-01.ipxe")[0] == 400  # multicast: not a NIC
     assert _get(f"{base}/boot/zz-zz-zz-zz-zz-zz.ipxe")[0] == 404
-    with caplog.at_level(logging.ERROR, logger="pxe.http"):
+    with assert_logs(r"boot HTTP request /boot/52-54-00-ab-00-ff\.ipxe failed",
+                     level=logging.ERROR, count=1):
         assert _get(f"{base}/boot/52-54-00-ab-00-ff.ipxe")[0] == 500  # callback bug: 500
-    assert "boot HTTP request /boot/52-54-00-ab-00-ff.ipxe failed" in caplog.text
     assert _get(f"{base}/boot/52-54-00-ab-00-03.ipxe")[0] == 200
     assert _get(f"{base}/etc/passwd")[0] == 404
     assert _get(f"{base}/rescue/../../etc/passwd")[0] == 404
