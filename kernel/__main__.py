@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"entry booted by default ({RESCUE_LABEL} = rescue, install)")  # fmt: skip
     i.add_argument("--menu-timeout", type=int, default=DEFAULT_MENU_TIMEOUT_S,
                    help="seconds the boot prompt waits (with --with-installer)")  # fmt: skip
+    i.add_argument("--no-uefi", action="store_true",
+                   help="BIOS only: leave out the UEFI boot image (GRUB)")  # fmt: skip
 
     a = sub.add_parser("appliance-image", help="build the bootable appliance disk image")
     a.add_argument("out", type=Path)
@@ -69,7 +71,8 @@ def _iso(args: argparse.Namespace, kernel: Path, initrd: Path) -> None:
     elif args.default != RESCUE_LABEL:
         raise KernelBuildError(f"--default {args.default} needs --with-installer")
     build_iso(args.out, kernel, initrd, args.cmdline, extra_entries=entries, extra_files=files,
-              default=args.default, menu_timeout_s=args.menu_timeout)  # fmt: skip
+              default=args.default, menu_timeout_s=args.menu_timeout,
+              uefi=not args.no_uefi)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

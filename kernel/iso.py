@@ -1,16 +1,22 @@
-"""Bootable hybrid ISO images (BIOS, isolinux) for the rescue system and the appliance installer.
+"""Bootable hybrid ISO images (BIOS and UEFI) for the rescue system and the appliance installer.
 
 This module owns the ISO layout::
 
-    /isolinux/isolinux.bin   El Torito boot image (no emulation, boot-info-table)
+    /isolinux/isolinux.bin   BIOS El Torito boot image (no emulation, boot-info-table)
     /isolinux/ldlinux.c32    isolinux core module
     /isolinux/isolinux.cfg   one entry, no prompt: KERNEL /boot/vmlinuz, INITRD /boot/initrd.img
     /isolinux/boot.cat       boot catalogue
+    /boot/grub/efi.img       UEFI El Torito image: a FAT ESP holding only EFI/BOOT/BOOTX64.EFI
+    /boot/grub/grub.cfg      the same entries as isolinux.cfg, for GRUB
+    /boot/grub/<tag>.id      how BOOTX64.EFI finds this ISO (a random tag per build)
     /boot/vmlinuz, /boot/initrd.img
 
-built with ``xorriso -as mkisofs -isohybrid-mbr isohdpfx.bin``, so the same file boots as a
-CD-ROM (``-cdrom``), as a hard disk / USB stick (raw ``-drive``), and as a CD over NBD.
-BIOS only: there is no UEFI El Torito image.
+built with ``xorriso -as mkisofs -isohybrid-mbr isohdpfx.bin ... -eltorito-alt-boot -e
+boot/grub/efi.img -isohybrid-gpt-basdat``, so the same file boots as a CD-ROM (``-cdrom``), as a
+hard disk / USB stick (raw ``-drive``), and as a CD over NBD, with BIOS (isolinux) or UEFI firmware.
+BOOTX64.EFI is Debian's GRUB (``grub-efi-amd64-bin``) made by ``grub-mkimage`` with a small embedded
+config that searches for the tag file and loads ``/boot/grub/grub.cfg`` from the ISO, so the kernel
+and initrd are stored once, in the ISO 9660 tree, not again inside the ESP.
 
 Extra boot entries (``extra_entries``, e.g. the appliance installer from ``kernel.installer``) and
 extra files (``extra_files``: ISO path -> host file) may be added; with extra entries isolinux shows
@@ -21,6 +27,7 @@ a ``boot:`` prompt for ``menu_timeout_s`` seconds (on the console and on serial)
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +47,18 @@ RESCUE_LABEL = "linux"
 #: Shown above the ``boot:`` prompt when there is more than one entry.
 BOOT_MSG = "/isolinux/boot.msg"
 DEFAULT_MENU_TIMEOUT_S = 5
+GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
+EFI_IMG = "boot/grub/efi.img"
+GRUB_CFG = "boot/grub/grub.cfg"
+#: What BOOTX64.EFI needs: read the ISO (or the USB stick's partitions), find it, show a menu on
+#: the serial port and the screen, and boot a Linux kernel through its EFI stub.
+GRUB_MODULES = (
+    "iso9660", "fat", "part_gpt", "part_msdos", "search", "search_fs_file", "configfile",
+    "normal", "linux", "echo", "serial", "terminal", "test", "sleep", "boot", "gzio",
+    "efi_gop", "efi_uga", "all_video",
+)  # fmt: skip
+#: GRUB prints this before the menu: tests and people can see which loader booted the ISO.
+GRUB_BANNER = "DR Appliance UEFI boot (GRUB)"
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,79 @@ def boot_message(extra_entries: Sequence[IsoEntry], default: str, menu_timeout_s
     return "\r\n".join(lines) + "\r\n"
 
 
+def _grub_quote(cmdline: str) -> str:
+    """Each word in single quotes: GRUB's parser would expand ``$`` and split on ``;``."""
+    words = cmdline.split()
+    if any("'" in w for w in words):
+        raise KernelBuildError("kernel command line for GRUB must not contain single quotes")
+    return " ".join(f"'{w}'" for w in words)
+
+
+def grub_cfg(
+    cmdline: str,
+    *,
+    extra_entries: Sequence[IsoEntry] = (),
+    default: str = RESCUE_LABEL,
+    menu_timeout_s: int = DEFAULT_MENU_TIMEOUT_S,
+) -> str:
+    """GRUB's configuration with the same entries, default and timeout as :func:`isolinux_cfg`."""
+    # the same validation (labels, default, timeout, one-line command lines)
+    isolinux_cfg(cmdline, extra_entries=extra_entries, default=default,
+                 menu_timeout_s=menu_timeout_s)  # fmt: skip
+    rescue = IsoEntry(RESCUE_LABEL, "/boot/vmlinuz", "/boot/initrd.img", cmdline,
+                      "the rescue system (bare-metal restore, shell)")  # fmt: skip
+    entries = [rescue, *extra_entries]
+    timeout = menu_timeout_s if extra_entries else 0
+    out = [
+        "serial --unit=0 --speed=115200",
+        "terminal_input serial console",
+        "terminal_output serial console",
+        f"echo '{GRUB_BANNER}'",
+        f"set default='{default}'",
+        f"set timeout={timeout}",
+    ]
+    for e in entries:
+        title = f"{e.label}: {e.description or e.cmdline}".replace("'", "")
+        out += [
+            f"menuentry '{title}' --id '{e.label}' {{",
+            f"  linux {e.kernel} {_grub_quote(e.cmdline)}",
+            f"  initrd {e.initrd}",
+            "}",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def build_efi_image(dest: Path, tag_file: str, work: Path) -> None:
+    """Write the FAT ESP image holding GRUB's EFI/BOOT/BOOTX64.EFI that finds ``tag_file``."""
+    mkimage = require_tool("grub-mkimage", "grub-common")
+    if not (GRUB_EFI_DIR / "linux.mod").is_file():
+        raise KernelBuildError(f"{GRUB_EFI_DIR} missing (apt-get install grub-efi-amd64-bin)")
+    mkfs = require_tool("mkfs.vfat", "dosfstools")
+    mmd, mcopy = require_tool("mmd", "mtools"), require_tool("mcopy", "mtools")
+    early = work / "early.cfg"
+    early.write_text(
+        f"search --no-floppy --set=root --file {tag_file}\n"
+        "set prefix=($root)/boot/grub\n"
+        f"configfile ($root)/{GRUB_CFG}\n"
+    )
+    efi = work / "BOOTX64.EFI"
+    _run([mkimage, "-O", "x86_64-efi", "-d", str(GRUB_EFI_DIR), "-o", str(efi),
+          "-p", "/boot/grub", "-c", str(early), *GRUB_MODULES])  # fmt: skip
+    kib = (efi.stat().st_size // 1024 + 1024) // 1024 * 1024 + 1024  # >= 1 MiB of slack
+    dest.unlink(missing_ok=True)
+    _run([mkfs, "-C", "-n", "EFIBOOT", str(dest), str(kib)])
+    _run([mmd, "-i", str(dest), "::/EFI", "::/EFI/BOOT"])
+    _run([mcopy, "-i", str(dest), str(efi), "::/EFI/BOOT/BOOTX64.EFI"])
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        name = Path(cmd[0]).name
+        raise KernelBuildError(f"{name} failed ({proc.returncode}): {lines[-1] if lines else ''}")
+
+
 def build_iso(
     out: Path,
     kernel: Path,
@@ -111,12 +203,17 @@ def build_iso(
     extra_files: Mapping[str, Path] | None = None,
     default: str = RESCUE_LABEL,
     menu_timeout_s: int = DEFAULT_MENU_TIMEOUT_S,
+    uefi: bool = True,
 ) -> None:
-    """Write a hybrid BIOS-bootable ISO to ``out`` that boots ``kernel``/``initrd``.
+    """Write a hybrid ISO to ``out`` that boots ``kernel``/``initrd`` with BIOS (and UEFI).
 
     ``extra_entries``/``extra_files``/``default``/``menu_timeout_s``: see the module docstring.
+    ``uefi=False`` leaves out the UEFI boot image (no GRUB needed).
     """
     cfg = isolinux_cfg(
+        cmdline, extra_entries=extra_entries, default=default, menu_timeout_s=menu_timeout_s
+    )
+    gcfg = grub_cfg(
         cmdline, extra_entries=extra_entries, default=default, menu_timeout_s=menu_timeout_s
     )
     extra_files = dict(extra_files or {})
@@ -153,6 +250,15 @@ def build_iso(
             dest = root / iso_path.lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
+        efi_args: list[str] = []
+        if uefi:
+            (root / "boot" / "grub").mkdir(parents=True, exist_ok=True)
+            tag = f"/boot/grub/{secrets.token_hex(8)}.id"
+            (root / tag.lstrip("/")).write_text("DR Appliance ISO\n")
+            (root / GRUB_CFG).write_text(gcfg)
+            build_efi_image(root / EFI_IMG, tag, Path(td))
+            efi_args = ["-eltorito-alt-boot", "-e", EFI_IMG, "-no-emul-boot",
+                        "-isohybrid-gpt-basdat"]  # fmt: skip
         tmp_iso = Path(td) / "out.iso"
         cmd = [
             xorriso, "-as", "mkisofs", "-quiet", "-o", str(tmp_iso),
@@ -160,6 +266,7 @@ def build_iso(
             "-isohybrid-mbr", str(ISOHDPFX_BIN),
             "-c", "isolinux/boot.cat", "-b", "isolinux/isolinux.bin",
             "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table",
+            *efi_args,
             str(root),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -187,6 +187,7 @@ def run_qemu(
     fail_on: Sequence[str] = DEFAULT_FAIL_ON,
     timeout_s: float,
     expect_exit: bool = False,
+    memory_mib: int = 256,
 ) -> QemuResult:
     """Boot a guest until ``wait_for`` shows up in its serial log, then stop it.
 
@@ -195,7 +196,7 @@ def run_qemu(
     stopped as soon as the marker appears. Raises :class:`QemuError` on failure/timeout.
     """
     start = time.monotonic()
-    with qemu_vm(args, serial_log=serial_log, fail_on=fail_on) as vm:
+    with qemu_vm(args, serial_log=serial_log, fail_on=fail_on, memory_mib=memory_mib) as vm:
         elapsed = vm.wait_for(wait_for, timeout_s=timeout_s)
         exited = False
         if expect_exit:

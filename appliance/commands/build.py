@@ -36,6 +36,7 @@ def register(sub: Any) -> None:
     i = bsub.add_parser("iso", help="hybrid bootable ISO of the rescue system (CD or USB)")
     i.add_argument("--out", type=Path, required=True, help="ISO file to write")
     i.add_argument("--cmdline", help="kernel command line (default: the rescue default)")
+    i.add_argument("--no-uefi", action="store_true", help="BIOS only (no GRUB EFI boot image)")
     i.set_defaults(func=cmd_iso)
     n = bsub.add_parser(
         "installer-iso",
@@ -47,6 +48,7 @@ def register(sub: Any) -> None:
     n.add_argument("--default", default="linux", choices=["linux", "install"],
                    help="entry booted when nobody chooses (linux = rescue)")  # fmt: skip
     n.add_argument("--menu-timeout", type=int, default=5, help="seconds the boot prompt waits")
+    n.add_argument("--no-uefi", action="store_true", help="BIOS only (no GRUB EFI boot image)")
     n.set_defaults(func=cmd_installer_iso)
 
 
@@ -87,6 +89,7 @@ def cmd_iso(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise UserError(f"{out} is a directory; give the ISO file name")
     extra = ["--cmdline", args.cmdline] if args.cmdline else []
+    extra += ["--no-uefi"] if args.no_uefi else []
     run_kernel_tool(["iso", "--out", str(out.resolve()), *extra])
     print(out)
     return 0
@@ -99,7 +102,7 @@ def cmd_installer_iso(args: argparse.Namespace) -> int:
     run_kernel_tool([
         "iso", "--out", str(out.resolve()), "--with-installer",
         "--install-dst", args.install_dst, "--default", args.default,
-        "--menu-timeout", str(args.menu_timeout),
+        "--menu-timeout", str(args.menu_timeout), *(["--no-uefi"] if args.no_uefi else []),
     ])  # fmt: skip
     print(out)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 import subprocess
 import time
@@ -14,7 +15,7 @@ from vmutil import QemuError, free_tcp_port, qemu_vm, run_qemu
 
 from kernel.__main__ import main
 from kernel.initramfs import CpioWriter, KernelBuildError, ModuleTree, find_kernel
-from kernel.iso import build_iso
+from kernel.iso import IsoEntry, build_iso, grub_cfg
 from kernel.rescue import build_rescue_initramfs, restore_cmdline
 from kernel.testdisk import (
     MBR_BIN,
@@ -147,8 +148,37 @@ def test_iso_is_hybrid(tmp_path: Path) -> None:
         head = f.read(0x8010)
     assert head[510:512] == b"\x55\xaa"  # isohybrid MBR
     assert head[0x8001:0x8006] == b"CD001"
+    report = subprocess.run(["xorriso", "-indev", str(iso), "-report_el_torito", "plain"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert re.search(r"boot img :\s+1\s+BIOS", report)
+    assert re.search(r"boot img :\s+2\s+UEFI", report)
+    # the ESP image is also a partition of the USB-stick view (type 0xef)
+    assert subprocess.run(["sfdisk", "--dump", str(iso)], capture_output=True, text=True,
+                          check=True).stdout.count("type=ef") == 1  # fmt: skip
+    bios_only = tmp_path / "b.iso"
+    build_iso(bios_only, boot.kernel, boot.initrd, "console=ttyS0", uefi=False)
+    assert "UEFI" not in subprocess.run(
+        ["xorriso", "-indev", str(bios_only), "-report_el_torito", "plain"],
+        capture_output=True, text=True, check=True).stdout  # fmt: skip
     with pytest.raises(KernelBuildError, match="does not exist"):
         build_iso(tmp_path / "u.iso", tmp_path / "nope", boot.initrd, "x")
+
+
+def test_grub_cfg_mirrors_isolinux_entries() -> None:
+    entry = IsoEntry("install", "/boot/vmlinuz", "/boot/install.img", "console=ttyS0 a=$x;b",
+                     "write the appliance to a disk")  # fmt: skip
+    cfg = grub_cfg("console=ttyS0 quiet", extra_entries=[entry], default="install",
+                   menu_timeout_s=7)  # fmt: skip
+    assert "set default='install'\nset timeout=7\n" in cfg
+    assert "  linux /boot/vmlinuz 'console=ttyS0' 'quiet'\n  initrd /boot/initrd.img\n" in cfg
+    # $ and ; reach the kernel as they are: single quotes stop GRUB's expansion
+    assert "  linux /boot/vmlinuz 'console=ttyS0' 'a=$x;b'\n  initrd /boot/install.img\n" in cfg
+    assert "--id 'linux'" in cfg and "--id 'install'" in cfg
+    assert "set timeout=0" in grub_cfg("c")  # rescue only: no menu wait
+    with pytest.raises(KernelBuildError, match="single quotes"):
+        grub_cfg("a='b'")
+    with pytest.raises(KernelBuildError):
+        grub_cfg("c", default="install")
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
