@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--with-installer", action="store_true",
                    help="add the 'install' entry and the appliance disk image")  # fmt: skip
     i.add_argument("--install-dst", default="/dev/sda", help="disk the installer overwrites")
+    i.add_argument("--unattended", action="store_true",
+                   help="the installer erases --install-dst without asking for 'yes'")  # fmt: skip
     i.add_argument("--default", default=RESCUE_LABEL,
                    help=f"entry booted by default ({RESCUE_LABEL} = rescue, install)")  # fmt: skip
     i.add_argument("--menu-timeout", type=int, default=DEFAULT_MENU_TIMEOUT_S,
@@ -67,9 +69,11 @@ def _iso(args: argparse.Namespace, kernel: Path, initrd: Path) -> None:
     entries: list[IsoEntry] = []
     files: dict[str, Path] = {}
     if args.with_installer:
-        entries, files = installer_iso_extras(dst=args.install_dst)
+        entries, files = installer_iso_extras(dst=args.install_dst, unattended=args.unattended)
     elif args.default != RESCUE_LABEL:
         raise KernelBuildError(f"--default {args.default} needs --with-installer")
+    elif args.unattended:
+        raise KernelBuildError("--unattended needs --with-installer")
     build_iso(args.out, kernel, initrd, args.cmdline, extra_entries=entries, extra_files=files,
               default=args.default, menu_timeout_s=args.menu_timeout,
               uefi=not args.no_uefi)  # fmt: skip

@@ -29,6 +29,9 @@ disk holding an iso9660 filesystem with the image), and writes ``install.src`` (
 grows partition 2 and its ext4 to the end of the disk (``sfdisk -N 2``, ``e2fsck``, ``resize2fs``;
 ``install.grow=0`` skips it), prints ``INSTALL OK <bytes>`` (or ``INSTALL FAILED <reason>``) and
 powers off (``install.reboot=1``: reboots). It never writes to the medium it booted from.
+Before writing it prints ``INSTALL CONFIRM ...`` and waits (``install.confirm_timeout``, default
+600 s) for ``yes`` on the console; anything else, or silence, powers off with the disk untouched.
+``install.confirm=0`` (an ISO built ``--unattended``) skips the question.
 :func:`installer_iso_extras` gives :func:`kernel.iso.build_iso` the extra boot entry and files.
 
 Every product is cached under :func:`kernel.initramfs.cache_dir`, keyed by its inputs (paths,
@@ -195,8 +198,12 @@ src=/install/appliance.img.gz
 dst=/dev/sda
 do_reboot=0
 do_grow=1
+do_confirm=1
+confirm_timeout=600
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
+        install.confirm=*) do_confirm="${arg#install.confirm=}" ;;
+        install.confirm_timeout=*) confirm_timeout="${arg#install.confirm_timeout=}" ;;
         install.grow=*) do_grow="${arg#install.grow=}" ;;
         install.src=*) src="${arg#install.src=}" ;;
         install.dst=*) dst="${arg#install.dst=}" ;;
@@ -254,6 +261,12 @@ install() {
     need=$(tail -c 4 "/cdrom$src" | od -An -tu4 | tr -d ' ')
     have=$(( $(cat "/sys/class/block/${dst##*/}/size") * 512 ))
     [ "$need" -le "$have" ] || { fail "$dst too small ($have < $need bytes)"; return 1; }
+    if [ "$do_confirm" != 0 ]; then
+        echo "INSTALL CONFIRM this ERASES $dst ($have bytes). Type yes and Enter to install:"
+        answer=
+        read -r -t "$confirm_timeout" answer < /dev/console
+        [ "$answer" = yes ] || { fail "not confirmed, $dst untouched"; return 1; }
+    fi
     echo "INSTALL START $medium:$src -> $dst ($need bytes)"
     gunzip -c "/cdrom$src" | dd of="$dst" bs=1M conv=fsync 2>/dev/null \
         || { fail "write to $dst failed"; return 1; }
@@ -644,9 +657,12 @@ def build_appliance_image(
 
 
 def installer_iso_extras(
-    *, project_root: Path | None = None, dst: str = "/dev/sda"
+    *, project_root: Path | None = None, dst: str = "/dev/sda", unattended: bool = False
 ) -> tuple[list[IsoEntry], dict[str, Path]]:
-    """The ``install`` boot entry and the files (installer initramfs, image) for the ISO."""
+    """The ``install`` boot entry and the files (installer initramfs, image) for the ISO.
+
+    The installer asks for ``yes`` before it erases ``dst`` unless ``unattended``.
+    """
     if any(c.isspace() for c in dst) or not dst.startswith("/dev/"):
         raise KernelBuildError(f"bad install destination {dst!r}: expected /dev/...")
     installer = build_installer_initramfs()
@@ -656,8 +672,10 @@ def installer_iso_extras(
         label=INSTALL_LABEL,
         kernel="/boot/vmlinuz",
         initrd=ISO_INSTALLER_INITRD,
-        cmdline=f"{cmdline} install.src={ISO_IMAGE_PATH}",
-        description=f"install the DR Appliance on {dst} (ERASES {dst})",
+        cmdline=f"{cmdline} install.src={ISO_IMAGE_PATH}"
+        + (" install.confirm=0" if unattended else ""),
+        description=f"install the DR Appliance on {dst} (ERASES {dst}"
+        + (", without asking)" if unattended else ", asks first)"),
     )
     files = {ISO_INSTALLER_INITRD: installer.initrd, ISO_IMAGE_PATH: image_gz}
     return [entry], files

@@ -58,12 +58,24 @@ class QemuVM:
         serial_log: Path,
         fail_on: Sequence[str] = DEFAULT_FAIL_ON,
         memory_mib: int = 256,
+        serial_input: bool = False,
     ) -> None:
+        """``serial_input``: the serial port is also a unix socket :meth:`type` writes to."""
         self.serial_log = Path(serial_log)
         self.fail_on = tuple(fail_on)
+        self.serial_sock: Path | None = None
+        serial = ["-serial", f"file:{self.serial_log}"]
+        if serial_input:
+            self.serial_sock = self.serial_log.with_name(self.serial_log.name + ".sock")
+            assert len(str(self.serial_sock)) < 100, f"socket path too long: {self.serial_sock}"
+            serial = [
+                "-chardev", f"socket,id=ser0,path={self.serial_sock},server=on,wait=off,"
+                f"logfile={self.serial_log}",
+                "-serial", "chardev:ser0",
+            ]  # fmt: skip
         self.cmd = [
             QEMU, "-accel", "tcg", "-m", str(memory_mib), "-display", "none", "-no-reboot",
-            "-serial", f"file:{self.serial_log}", *args,
+            *serial, *args,
         ]  # fmt: skip
         self.stderr_path = self.serial_log.with_name(self.serial_log.name + ".qemu-stderr")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -100,6 +112,20 @@ class QemuVM:
                 proc.kill()
                 proc.wait(10)
         return proc.returncode
+
+    def type(self, text: str) -> None:
+        """Send ``text`` to the guest's serial console (needs ``serial_input=True``).
+
+        Connects, sends, lingers so QEMU reads it, and disconnects: nobody drains the socket,
+        so staying connected would stall the guest's output once the buffer fills.
+        """
+        assert self.serial_sock is not None, "QemuVM(serial_input=True) first"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.serial_sock))
+            for ch in text.encode():  # one byte at a time, like a person (16550 FIFO)
+                s.sendall(bytes([ch]))
+                time.sleep(0.02)
+            time.sleep(0.5)
 
     def __enter__(self) -> QemuVM:
         return self
@@ -170,9 +196,11 @@ def qemu_vm(
     serial_log: Path,
     fail_on: Sequence[str] = DEFAULT_FAIL_ON,
     memory_mib: int = 256,
+    serial_input: bool = False,
 ) -> Iterator[QemuVM]:
     """Start a guest; stop it by PID when the block ends, whatever happened."""
-    vm = QemuVM(args, serial_log=serial_log, fail_on=fail_on, memory_mib=memory_mib)
+    vm = QemuVM(args, serial_log=serial_log, fail_on=fail_on, memory_mib=memory_mib,
+                serial_input=serial_input)  # fmt: skip
     try:
         yield vm.start()
     finally:

@@ -49,6 +49,8 @@ def register(sub: Any) -> None:
                    help="entry booted when nobody chooses (linux = rescue)")  # fmt: skip
     n.add_argument("--menu-timeout", type=int, default=5, help="seconds the boot prompt waits")
     n.add_argument("--no-uefi", action="store_true", help="BIOS only (no GRUB EFI boot image)")
+    n.add_argument("--unattended", action="store_true",
+                   help="the installer erases the disk without asking for 'yes'")  # fmt: skip
     n.set_defaults(func=cmd_installer_iso)
 
 
@@ -103,6 +105,7 @@ def cmd_installer_iso(args: argparse.Namespace) -> int:
         "iso", "--out", str(out.resolve()), "--with-installer",
         "--install-dst", args.install_dst, "--default", args.default,
         "--menu-timeout", str(args.menu_timeout), *(["--no-uefi"] if args.no_uefi else []),
+        *(["--unattended"] if args.unattended else []),
     ])  # fmt: skip
     print(out)
     return 0

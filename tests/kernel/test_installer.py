@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vmutil import run_qemu
+from vmutil import qemu_vm, run_qemu
 
 from kernel.__main__ import main as kernel_main
 from kernel.initramfs import KernelBuildError
@@ -161,7 +161,7 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
     start = time.monotonic()
     subprocess.run(
         [sys.executable, "-m", "kernel", "iso", "--out", str(iso), "--with-installer",
-         "--default", "install", "--menu-timeout", "0"],
+         "--default", "install", "--menu-timeout", "0", "--unattended"],
         check=True, cwd=PROJECT_ROOT, timeout=600,
     )  # fmt: skip
     log.info("installer ISO: %.1fs, %.1f MiB", time.monotonic() - start, iso.stat().st_size / 2**20)
@@ -219,3 +219,38 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
     assert "APPLIANCE RUN points" in second.log
     assert "no points" in second.log
     assert "APPLIANCE RESULT rc=0" in second.log
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.parametrize("answer", ["no", "yes"])
+def test_installer_asks_before_erasing(tmp_path: Path, answer: str) -> None:
+    """Without --unattended the installer waits for 'yes'; anything else leaves the disk alone."""
+    iso = tmp_path / "installer.iso"
+    subprocess.run(
+        [sys.executable, "-m", "kernel", "iso", "--out", str(iso), "--with-installer",
+         "--default", "install", "--menu-timeout", "0"],
+        check=True, cwd=PROJECT_ROOT, timeout=600,
+    )  # fmt: skip
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(512 << 20)
+    fail_on = [f for f in FAIL_ON if f != "INSTALL FAILED" or answer == "yes"]
+    with qemu_vm(["-cdrom", str(iso), "-drive", f"file={disk},format=raw,if=ide", "-boot", "d"],
+                 serial_log=tmp_path / "install.log", fail_on=fail_on,
+                 serial_input=True) as vm:  # fmt: skip
+        vm.wait_for("INSTALL CONFIRM", timeout_s=INSTALL_TIMEOUT_S)
+        assert "INSTALL START" not in vm.log_text()
+        vm.type(answer + "\n")
+        if answer == "no":
+            vm.wait_for("INSTALL FAILED not confirmed, /dev/sda untouched", timeout_s=30)
+        else:
+            vm.wait_for("INSTALL OK", timeout_s=INSTALL_TIMEOUT_S)
+        vm.wait_exit(timeout_s=30)  # powers off either way
+    with disk.open("rb") as f:
+        head = f.read(1 << 20)
+    if answer == "no":
+        assert head == bytes(len(head))
+        assert disk.stat().st_blocks == 0  # not one block written anywhere
+    else:
+        assert head[510:512] == b"\x55\xaa"
