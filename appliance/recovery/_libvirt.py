@@ -2,17 +2,21 @@
 
 Owns the domain XML for a session (`type='qemu'` for TCG, `kvm` with `--accel kvm`; one
 `<disk type='network'><source protocol='nbd' name='overlay/S/diskN'>` per disk; serial console
-to the session's log file) and define/start/destroy/undefine. Imports `libvirt` lazily so the
-rest of the package works without it. Must not start libvirtd (the host or a test does).
+to the session's log file), define/start/destroy/undefine, and the live move of the disks onto
+local files (`block_copy`: virDomainBlockCopy + pivot, what `appliance migrate` does). Imports
+`libvirt` lazily so the rest of the package works without it. Must not start libvirtd (the host
+or a test does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from ._state import BootRequest, SessionError
+from ._state import BootRequest, PivotedError, SessionError
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +154,120 @@ def destroy_by_name(uri: str, session: str) -> None:
         conn.close()
         return
     destroy(conn, dom)
+
+
+def _live_disks(dom: Any) -> list[ET.Element]:
+    """The <disk> elements of the running domain (XML from our own libvirtd: trusted)."""
+    return list(ET.fromstring(dom.XMLDesc()).iterfind("devices/disk"))  # noqa: S314
+
+
+def disk_devs(dom: Any) -> dict[str, tuple[str, str]]:
+    """{our disk name: (libvirt target dev, bus)} from the live XML (user aliases `ua-NAME`)."""
+    out: dict[str, tuple[str, str]] = {}
+    for disk in _live_disks(dom):
+        alias, target = disk.find("alias"), disk.find("target")
+        if alias is None or target is None:
+            continue
+        name = alias.get("name", "")
+        if name.startswith("ua-"):
+            out[name[3:]] = (target.get("dev", ""), target.get("bus", ""))
+    return out
+
+
+def _file_disk_xml(path: str, fmt: str, dev: str | None = None, bus: str | None = None) -> str:
+    disk = ET.Element("disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type=fmt)
+    ET.SubElement(disk, "source", file=path)
+    if dev:
+        ET.SubElement(disk, "target", dev=dev, bus=bus or "virtio")
+    return ET.tostring(disk, encoding="unicode")
+
+
+def block_copy(
+    uri: str, session: str, targets: list[tuple[str, str, str]], *, timeout_s: float
+) -> None:
+    """Move the running domain's disks onto local files: `virDomainBlockCopy`, then pivot.
+
+    `targets`: (disk name, existing target file, "qcow2"|"raw"). Every copy job must reach
+    ready (libvirt mirrors the guest's writes made meanwhile) before any disk pivots; then the
+    persistent definition is pointed at the files too, so a restart of the domain does not go
+    back to the (soon stopped) NBD export. Before the pivot a failure cancels every job and the
+    VM keeps running from NBD. Raises SessionError.
+    """
+    import libvirt
+
+    conn = connect(uri)
+    started: list[str] = []
+    pivoted = False
+    try:
+        try:
+            dom = conn.lookupByName(domain_name(session))
+        except libvirt.libvirtError as exc:
+            raise SessionError(f"libvirt domain {domain_name(session)} not found: {exc}") from exc
+        devs = disk_devs(dom)
+        missing = [d for d, _p, _f in targets if d not in devs]
+        if missing:
+            raise SessionError(f"the domain has no disk(s) {missing} (aliases ua-NAME)")
+        flags = (libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+                 | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)  # fmt: skip
+        try:
+            for disk, path, fmt in targets:
+                dev = devs[disk][0]
+                log.info("libvirt block copy of %s (%s) to %s", disk, dev, path)
+                dom.blockCopy(dev, _file_disk_xml(path, fmt), None, flags)
+                started.append(dev)
+            _wait_copies_ready(dom, started, timeout_s=timeout_s)
+            for dev in started:
+                dom.blockJobAbort(dev, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            pivoted = True
+        except libvirt.libvirtError as exc:
+            raise SessionError(f"libvirt block copy failed: {exc}") from exc
+        now = disk_sources(dom)
+        for disk, path, _fmt in targets:
+            if now.get(devs[disk][0]) != path:
+                raise PivotedError(f"{disk}: the domain runs on {now.get(devs[disk][0])!r}")
+        for disk, path, fmt in targets:
+            dev, bus = devs[disk]
+            try:
+                dom.updateDeviceFlags(_file_disk_xml(path, fmt, dev, bus),
+                                      libvirt.VIR_DOMAIN_AFFECT_CONFIG)  # fmt: skip
+            except libvirt.libvirtError as exc:  # the live VM is fine; only its definition
+                log.warning("%s: could not update the persistent definition: %s", disk, exc)
+    finally:
+        if started and not pivoted:
+            for dev in started:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.blockJobAbort(dev, 0)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def _wait_copies_ready(dom: Any, devs: list[str], *, timeout_s: float) -> None:
+    """Poll the copy jobs until each has copied everything (`cur == end`), i.e. is ready."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not dom.isActive():
+            raise SessionError("the domain stopped during the block copy")
+        infos = {dev: dom.blockJobInfo(dev, 0) for dev in devs}
+        gone = [dev for dev, info in infos.items() if not info]
+        if gone:
+            raise SessionError(f"block copy job(s) of {gone} ended before the pivot")
+        if all(i["end"] > 0 and i["cur"] == i["end"] for i in infos.values()):
+            return
+        if time.monotonic() > deadline:
+            raise SessionError(f"block copy not ready after {timeout_s:.0f} s: {infos}")
+        time.sleep(0.2)
+
+
+def disk_sources(dom: Any) -> dict[str, str]:
+    """{target dev: source file, or "nbd:NAME" for a network disk} of the live domain."""
+    out: dict[str, str] = {}
+    for disk in _live_disks(dom):
+        target, src = disk.find("target"), disk.find("source")
+        if target is None or src is None:
+            continue
+        if disk.get("type") == "network":
+            out[target.get("dev", "")] = f"{src.get('protocol')}:{src.get('name')}"
+        else:
+            out[target.get("dev", "")] = src.get("file") or src.get("dev") or ""
+    return out

@@ -38,6 +38,7 @@ from ._state import (
     STATE_FILE,
     STOPPED,
     BootRequest,
+    PivotedError,
     ProcRef,
     SessionError,
     SessionInfo,
@@ -345,50 +346,14 @@ def _wait_jobs(
             raise SessionError(f"mirror not {want} after {timeout_s:.0f} s: {jobs}")
 
 
-def migrate_session(
-    repo_root: Path,
-    name: str,
-    to_dir: Path,
-    *,
-    fmt: str = "qcow2",
-    timeout_s: float = 3600.0,
-) -> list[MigrationTarget]:
-    """Move a running QEMU session's disks to `to_dir` while the VM runs.
-
-    Per disk: `qemu-img create` a target, `blockdev-add` it, `blockdev-mirror sync=full` from
-    the NBD node; when every job is ready, `job-complete` pivots the guest onto the target
-    (QEMU mirrors guest writes made during the copy too, so none is lost). Then the NBD nodes
-    are deleted (`blockdev-del`), QEMU is checked to have no `nbd` node left, and the
-    supervisor stops nbdkit (SIGUSR1). Raises SessionError; on failure before the pivot the
-    jobs are cancelled and the VM keeps running from NBD.
-    """
-    if fmt not in ("qcow2", "raw"):
-        raise SessionError(f"unsupported target format {fmt!r} (qcow2 or raw)")
-    s = get_session(Path(repo_root).resolve(), name)
-    if s.backend != "qemu":
-        raise SessionError("migrate supports QEMU-backend sessions (libvirt: use virsh blockcopy)")
-    if s.effective_state != RUNNING or not s.qemu_alive or not s.qmp_socket:
-        raise SessionError(f"session {name} is {s.effective_state}, not running")
-    req = BootRequest.from_json(read_json(s.path / REQUEST_FILE))
-    to_dir = Path(to_dir).resolve()
-    to_dir.mkdir(parents=True, exist_ok=True)
-    targets: list[MigrationTarget] = []
-    for d in req.disks:
-        disk = str(d["name"])
-        path = to_dir / f"{name}-{disk}.{fmt}"
-        if path.exists():
-            raise SessionError(f"{path} exists: not overwriting it")
-        targets.append(MigrationTarget(disk, path, fmt, f"mig-{disk}"))
-    created: list[Path] = []
-    with Qmp(s.qmp_socket, timeout_s=30) as q:
+def _mirror_qmp(
+    s: SessionInfo, qmp_socket: str, targets: list[MigrationTarget], *, timeout_s: float
+) -> None:
+    """QEMU backend of `migrate_session`: blockdev-mirror every disk, pivot, drop NBD nodes."""
+    with Qmp(qmp_socket, timeout_s=30) as q:
         pivoted = False
         try:
-            for t, d in zip(targets, req.disks, strict=True):
-                subprocess.run(
-                    ["qemu-img", "create", "-q", "-f", t.fmt, str(t.target), str(d["size"])],
-                    check=True, capture_output=True,
-                )  # fmt: skip
-                created.append(t.target)
+            for t in targets:
                 q.cmd("blockdev-add", **{
                     "driver": t.fmt, "node-name": t.node,
                     "file": {"driver": "file", "filename": str(t.target)},
@@ -408,23 +373,85 @@ def migrate_session(
             for t in targets:
                 root = q.device_root_node(t.disk)
                 if root != t.node:
-                    raise SessionError(f"{t.disk}: guest disk is on {root!r}, not {t.node!r}")
+                    raise PivotedError(f"{t.disk}: guest disk is on {root!r}, not {t.node!r}")
                 q.cmd("blockdev-del", **{"node-name": nbd_node(t.disk)})
             left = [n["node-name"] for n in q.block_nodes() if n.get("drv") == "nbd"]
             if left:
-                raise SessionError(f"QEMU still has NBD nodes {left}")
-        except Exception:
-            if not pivoted:
-                for t in targets:
-                    with contextlib.suppress(Exception):
-                        q.cmd("block-job-cancel", device=t.node, force=True)
-                time.sleep(0.2)
-                for t in targets:
-                    with contextlib.suppress(Exception):
-                        q.cmd("blockdev-del", **{"node-name": t.node})
-                for p in created:
-                    p.unlink(missing_ok=True)
+                raise PivotedError(f"QEMU still has NBD nodes {left}")
+        except Exception as exc:
+            if pivoted:
+                if isinstance(exc, PivotedError):
+                    raise
+                raise PivotedError(f"after the pivot: {exc}") from exc
+            for t in targets:
+                with contextlib.suppress(Exception):
+                    q.cmd("block-job-cancel", device=t.node, force=True)
+            time.sleep(0.2)
+            for t in targets:
+                with contextlib.suppress(Exception):
+                    q.cmd("blockdev-del", **{"node-name": t.node})
             raise
+
+
+def migrate_session(
+    repo_root: Path,
+    name: str,
+    to_dir: Path,
+    *,
+    fmt: str = "qcow2",
+    timeout_s: float = 3600.0,
+) -> list[MigrationTarget]:
+    """Move a running session's disks to `to_dir` while the VM runs.
+
+    Per disk a target file is created (`qemu-img create`). QEMU sessions: `blockdev-add` it,
+    `blockdev-mirror sync=full` from the NBD node; when every job is ready, `job-complete`
+    pivots the guest onto the target (QEMU mirrors guest writes made during the copy too, so
+    none is lost); then the NBD nodes are deleted (`blockdev-del`) and QEMU is checked to have
+    no `nbd` node left. libvirt sessions: `virDomainBlockCopy` + pivot (`_libvirt.block_copy`).
+    Then the supervisor stops nbdkit (SIGUSR1). Raises SessionError; on failure before the
+    pivot the jobs are cancelled, the targets removed, and the VM keeps running from NBD.
+    """
+    if fmt not in ("qcow2", "raw"):
+        raise SessionError(f"unsupported target format {fmt!r} (qcow2 or raw)")
+    s = get_session(Path(repo_root).resolve(), name)
+    if s.backend == "libvirt":
+        if s.effective_state != RUNNING or not s.supervisor_alive or not s.libvirt_uri:
+            raise SessionError(f"session {name} is {s.effective_state}, not running")
+    elif s.effective_state != RUNNING or not s.qemu_alive or not s.qmp_socket:
+        raise SessionError(f"session {name} is {s.effective_state}, not running")
+    req = BootRequest.from_json(read_json(s.path / REQUEST_FILE))
+    to_dir = Path(to_dir).resolve()
+    to_dir.mkdir(parents=True, exist_ok=True)
+    targets: list[MigrationTarget] = []
+    for d in req.disks:
+        disk = str(d["name"])
+        path = to_dir / f"{name}-{disk}.{fmt}"
+        if path.exists():
+            raise SessionError(f"{path} exists: not overwriting it")
+        targets.append(MigrationTarget(disk, path, fmt, f"mig-{disk}"))
+    created: list[Path] = []
+    try:
+        for t, d in zip(targets, req.disks, strict=True):
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", t.fmt, str(t.target), str(d["size"])],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            created.append(t.target)
+        if s.backend == "libvirt":
+            from ._libvirt import block_copy
+
+            assert s.libvirt_uri is not None
+            block_copy(s.libvirt_uri, name, [(t.disk, str(t.target), t.fmt) for t in targets],
+                       timeout_s=timeout_s)  # fmt: skip
+        else:
+            assert s.qmp_socket is not None
+            _mirror_qmp(s, s.qmp_socket, targets, timeout_s=timeout_s)
+    except PivotedError:
+        raise
+    except BaseException:
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
     write_json_atomic(s.path / MIGRATION_FILE, {
         "migrated_at": time.time(),
         "disks": [{"disk": t.disk, "target": str(t.target), "format": t.fmt, "node": t.node}

@@ -49,6 +49,10 @@ class SessionError(Exception):
     """A recovery session could not be started, found, stopped or migrated."""
 
 
+class PivotedError(SessionError):
+    """A migration failed after the guest moved onto its targets: they hold its disks now."""
+
+
 def validate_session_name(name: str) -> None:
     if not _NAME_RE.match(name):
         raise SessionError(

@@ -6,13 +6,16 @@ stops them, and every QEMU they started, by PID.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MARKER, RecoveryRepo
+from conftest import MARKER, TICKER, RecoveryRepo
 from recoveryutil import PrivateLibvirt
 from test_boot import restore_bytes, wait_serial, wait_state
 
@@ -78,3 +81,51 @@ def test_libvirt_boot_and_commit(
         assert conn.listAllDomains() == []  # destroyed and undefined
     finally:
         conn.close()
+
+
+@pytest.mark.vm
+def test_libvirt_migrate_moves_domain_off_the_store(
+    rrepo: RecoveryRepo, libvirtd: PrivateLibvirt, tmp_path: Path
+) -> None:
+    """`appliance migrate` of a libvirt session: block copy + pivot; the guest keeps writing."""
+    import libvirt
+
+    serial = tmp_path / "lv-ticker.log"
+    target_dir = tmp_path / "prod"
+    rrepo.cli("boot", rrepo.ticker_point, "--name", "lvm", "--serial", str(serial),
+              "--libvirt", libvirtd.uri)  # fmt: skip
+    wait_serial(serial, f"{TICKER} EARLY")
+    wait_serial(serial, "TICK 3 ")
+
+    out = json.loads(rrepo.cli("migrate", "lvm", "--to", str(target_dir), "--json").stdout)
+    target = Path(out["disks"][0]["target"])
+    assert target == target_dir / "lvm-disk0.qcow2" and target.is_file()
+    s = wait_state(rrepo.root, "lvm", "migrated")
+    assert s.supervisor_alive and not s.nbdkit_alive  # the store's export is gone
+
+    conn = libvirt.open(libvirtd.uri)
+    try:
+        dom = conn.lookupByName("recovery-lvm")
+        assert dom.isActive()
+        for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):  # live VM and its definition
+            disk = ET.fromstring(dom.XMLDesc(flags)).find("devices/disk")
+            assert disk is not None and disk.get("type") == "file"
+            src = disk.find("source")
+            assert src is not None and src.get("file") == str(target)
+    finally:
+        conn.close()
+    n_at_pivot = max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
+    wait_serial(serial, f"TICK {n_at_pivot + 6} ", timeout_s=30)
+    assert "IOERR" not in serial.read_text()
+
+    rrepo.cli("stop", "lvm")
+    last = max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
+    raw = tmp_path / "prod.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(target), str(raw)], check=True)
+    data = raw.read_bytes()
+    sectors = len(data) // 512
+    assert data[(sectors - 128) * 512 :].startswith(f"EARLY-{TICKER}\n".encode())  # pre-copy
+    tick = data[(sectors - 64) * 512 :].split(b"\n", 1)[0].decode()
+    assert tick in (f"TICK-{last}", f"TICK-{last + 1}")  # the newest write, post-pivot
+    orig = rrepo.ticker.read_bytes()
+    assert data[: (sectors - 128) * 512] == orig[: (sectors - 128) * 512]
