@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("out", type=Path)
     t.add_argument("--marker", required=True, help="printed by the guest as '<M> BOOTED'")
     t.add_argument("--size-mib", type=int, default=16)
+    t.add_argument("--iscsi", action="store_true",
+                   help="the guest can run from the iSCSI LUN it SAN-booted from")  # fmt: skip
 
     r = sub.add_parser("rescue", help="build the rescue kernel + initramfs into OUTDIR")
     r.add_argument("outdir", type=Path)
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "testdisk":
-            build_boot_disk(args.out, marker=args.marker, size_mib=args.size_mib)
+            build_boot_disk(args.out, marker=args.marker, size_mib=args.size_mib,
+                            iscsi=args.iscsi)  # fmt: skip
             print(args.out)
         elif args.command == "rescue":
             kernel, initrd = build_rescue(args.outdir)

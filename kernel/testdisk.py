@@ -16,6 +16,10 @@ cached initramfs serves every marker:
 * ``testdisk.marker=M`` — printed as ``M BOOTED`` and ``M DONE``,
 * ``testdisk.read=N`` (default 0) — sector ``2048 + N`` is read and printed as ``READ <sha256>``.
 
+SAN-capable disks (``iscsi=True``, ``python -m kernel testdisk --iscsi``) also carry Debian's
+``iscsistart`` and the iSCSI/iBFT/NIC modules: SAN-booted by iPXE, the guest finds iPXE's iBFT,
+brings up that NIC and logs in to the LUN itself, which then is its ``/dev/sda``.
+
 Then it writes :func:`guest_pattern` (``GUEST-WROTE-<marker>\\n`` repeated, 512 bytes) to
 ``S - 64``, runs ``sync``, prints ``WROTE <lba>`` and ``M DONE``, and powers off.
 """
@@ -40,6 +44,7 @@ from kernel.initramfs import (
     file_fingerprint,
     find_kernel,
     require_tool,
+    shared_libraries,
     write_cached,
 )
 
@@ -87,6 +92,8 @@ for arg in $(cat /proc/cmdline); do
 done
 echo "$marker BOOTED"
 while read -r mod; do insmod "$mod" 2>/dev/null; done < /lib/modules/load.order
+# SAN-capable disks (build_boot_disk(iscsi=True)) log in to the iSCSI target iPXE booted from
+[ -x /sbin/san-attach ] && /sbin/san-attach "$marker"
 dev=
 i=0
 while [ -z "$dev" ] && [ $i -lt 150 ]; do
@@ -100,6 +107,33 @@ if [ -z "$dev" ]; then
 fi
 sectors=$(cat "/sys/block/$dev/size")
 """
+
+#: `/sbin/san-attach` of SAN-capable test disks: when iPXE left an iBFT (it SAN-booted us), bring
+#: up the NIC it names with its address and log in to its target with Debian's `iscsistart`,
+#: as an OS installed on an iSCSI LUN does; the LUN then appears as /dev/sda.
+SAN_ATTACH = r"""#!/bin/sh
+marker=$1
+ibft=/sys/firmware/ibft
+[ -d $ibft/target0 ] || exit 0
+mac=$(cat $ibft/ethernet0/mac)
+ifname=
+for n in /sys/class/net/*; do
+    [ "$(cat "$n/address")" = "$mac" ] && ifname=${n##*/}
+done
+[ -n "$ifname" ] || { echo "SAN FAILED no NIC with MAC $mac"; exit 1; }
+eth=$ibft/ethernet0
+ifconfig "$ifname" "$(cat $eth/ip-addr)" netmask "$(cat $eth/subnet-mask)" up
+mkdir -p /etc/iscsi /run/lock /var/lock
+if ! iscsistart -b >/tmp/iscsistart.log 2>&1; then
+    echo "SAN FAILED iscsistart:"
+    cat /tmp/iscsistart.log
+    exit 1
+fi
+echo "SAN ATTACHED $(cat $ibft/target0/target-name) via $ifname"
+"""
+
+#: Modules SAN-capable disks add: the QEMU NIC, the iSCSI initiator and the iBFT reader.
+ISCSI_MODULES = ("virtio_net", "e1000", "crc32c_generic", "iscsi_tcp", "iscsi_ibft")
 
 INIT_SCRIPT = INIT_HEAD + r"""
 hex=$(dd if="/dev/$dev" bs=512 skip=$((2048 + read_n)) count=1 2>/dev/null | sha256sum)
@@ -139,30 +173,47 @@ def marker_cmdline(marker: str, read_n: int = 0) -> str:
     return f"{BASE_CMDLINE} testdisk.marker={marker}{extra}"
 
 
-def build_initramfs(init_script: str = INIT_SCRIPT, cache_name: str = "testdisk") -> BootFiles:
+def build_initramfs(
+    init_script: str = INIT_SCRIPT, cache_name: str = "testdisk", *, iscsi: bool = False
+) -> BootFiles:
     """Debian's kernel and the (cached) test initramfs; the marker comes from the cmdline.
 
-    Other test guests pass their own `/init` (usually `INIT_HEAD` + a body).
+    Other test guests pass their own `/init` (usually `INIT_HEAD` + a body). ``iscsi`` adds
+    `/sbin/san-attach` (:data:`SAN_ATTACH`), `iscsistart` with its libraries and
+    :data:`ISCSI_MODULES`.
     """
     kernel, version = find_kernel()
     tree = ModuleTree.load(version)
-    order = tree.load_order(DISK_MODULES)
+    modules = (*DISK_MODULES, *ISCSI_MODULES) if iscsi else DISK_MODULES
+    order = tree.load_order(modules)
+    binaries = [Path(require_tool("iscsistart", "open-iscsi")).resolve()] if iscsi else []
+    libs: dict[Path, None] = {}
+    for b in binaries:
+        libs.update(dict.fromkeys(shared_libraries(b)))
     key = [
         init_script,
+        SAN_ATTACH if iscsi else "",
         file_fingerprint(Path("/bin/busybox")),
         version,
         *(file_fingerprint(tree.root / rel) for rel in order),
+        *(file_fingerprint(p) for p in (*binaries, *libs)),
     ]
 
     def build() -> bytes:
         cpio = CpioWriter()
         add_base_layout(cpio)
         add_busybox(cpio)
-        add_modules(cpio, tree, DISK_MODULES)
+        add_modules(cpio, tree, modules)
+        for b in binaries:
+            cpio.copy(f"sbin/{b.name}", b, 0o755)
+        for lib in libs:
+            cpio.copy(str(lib), lib, 0o755)
+        if iscsi:
+            cpio.file("sbin/san-attach", SAN_ATTACH.encode(), 0o755)
         cpio.file("init", init_script.encode(), 0o755)
         return cpio.finish()
 
-    initrd = write_cached(key, cache_name, build, compress=True)
+    initrd = write_cached(key, cache_name + ("-iscsi" if iscsi else ""), build, compress=True)
     return BootFiles(kernel=kernel, initrd=initrd)
 
 
@@ -176,8 +227,11 @@ def _run(cmd: list[str], *, stdin: str | None = None) -> None:
         )
 
 
-def build_boot_disk(out: Path, *, marker: str, size_mib: int = 16) -> None:
-    """Write a bootable raw disk image of ``size_mib`` MiB to ``out`` (see module docstring)."""
+def build_boot_disk(out: Path, *, marker: str, size_mib: int = 16, iscsi: bool = False) -> None:
+    """Write a bootable raw disk image of ``size_mib`` MiB to ``out`` (see module docstring).
+
+    ``iscsi``: the guest can also run from an iSCSI LUN it was SAN-booted from (iBFT).
+    """
     _check_marker(marker)
     if size_mib < MIN_SIZE_MIB:
         raise KernelBuildError(f"size_mib must be >= {MIN_SIZE_MIB}, got {size_mib}")
@@ -187,7 +241,7 @@ def build_boot_disk(out: Path, *, marker: str, size_mib: int = 16) -> None:
     sfdisk = require_tool("sfdisk", "fdisk")
     if not MBR_BIN.is_file():
         raise KernelBuildError(f"{MBR_BIN} missing (apt-get install syslinux-common)")
-    boot = build_initramfs()
+    boot = build_initramfs(iscsi=iscsi)
 
     total = size_mib * 2048
     part_sectors = total - PARTITION_START_LBA - 2048

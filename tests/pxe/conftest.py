@@ -21,12 +21,15 @@ from vmutil import free_tcp_port
 
 @pytest.fixture(scope="module")
 def point_repo(tmp_path_factory: pytest.TempPathFactory) -> PointRepo:
-    """A repository with one full image point of a 16 MiB bootable test disk (marker PXEDISK)."""
+    """A repository with one full image point of a 16 MiB bootable test disk (marker PXEDISK).
+
+    The disk is SAN-capable (`--iscsi`): SAN-booted, its Linux logs in to the LUN through iBFT.
+    """
     base = tmp_path_factory.mktemp("pxerepo")
     root = base / "repo"
     disk = base / "disk.img"
-    subprocess.run([sys.executable, "-m", "kernel", "testdisk", str(disk), "--marker", MARKER],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "kernel", "testdisk", str(disk), "--marker", MARKER,
+                    "--iscsi"], check=True, capture_output=True)  # fmt: skip
     env = {"APPLIANCE_REPO": str(root)}
     run_cli("init", env=env)
     out = run_cli("backup", "image", "--source", "vm1", "--json", str(disk), env=env).stdout
