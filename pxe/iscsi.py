@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,29 +114,34 @@ class Tgt:
                     cur.backing.append(s.split(":", 1)[1].strip())
         return out
 
-    def add_target(self, iqn: str, backing: Path, *, readonly: bool = False) -> int:
-        """New target ``iqn`` with the disk ``backing`` as LUN 1, open to every initiator.
-        Returns its tid. On failure the half-made target is deleted."""
+    def add_target(self, iqn: str, backings: Sequence[Path], *, readonly: bool = False) -> int:
+        """New target ``iqn`` with ``backings[i]`` as LUN ``i + 1``, open to every initiator.
+
+        Returns its tid. On failure the half-made target is deleted.
+        """
+        if not backings:
+            raise IscsiError(f"target {iqn}: no disks to export")
         tids = self.targets()
         if any(t.iqn == iqn for t in tids.values()):
             raise IscsiError(f"target {iqn} already exists")
         tid = max(tids, default=0) + 1
         self.adm("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", iqn)
         try:
-            # tgtd chdirs to / : the backing path must be absolute
-            lun = ["--mode", "logicalunit", "--op", "new", "--tid", str(tid),
-                   "--lun", str(DISK_LUN), "--backing-store", str(Path(backing).resolve()),
-                   "--bstype", "rdwr"]  # fmt: skip
-            if readonly:
-                lun += ["--params", "readonly=1"]
-            self.adm(*lun)
+            for i, backing in enumerate(backings):
+                # tgtd chdirs to / : the backing path must be absolute
+                lun = ["--mode", "logicalunit", "--op", "new", "--tid", str(tid),
+                       "--lun", str(DISK_LUN + i), "--backing-store", str(Path(backing).resolve()),
+                       "--bstype", "rdwr"]  # fmt: skip
+                if readonly:
+                    lun += ["--params", "readonly=1"]
+                self.adm(*lun)
             self.adm("--mode", "target", "--op", "bind", "--tid", str(tid),
                      "--initiator-address", "ALL")  # fmt: skip
         except IscsiError:
             self.adm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid),
                      check=False)  # fmt: skip
             raise
-        log.info("iSCSI target %d %s -> %s", tid, iqn, backing)
+        log.info("iSCSI target %d %s -> %s", tid, iqn, ", ".join(map(str, backings)))
         return tid
 
     def delete_target(self, iqn: str) -> bool:

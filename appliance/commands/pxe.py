@@ -6,8 +6,9 @@ NBD in `nbd/`, overlays in `dedupstore`. This module decides what a machine boot
 the NBD export / overlay / iSCSI target it needs exists before its script is answered.
 
 An iSCSI session `S` = overlay `S` on a point + one `appliance nbd serve` (nbdkit on a unix
-socket, overlays only) + nbdfuse turning `overlay/S/disk0` into a file + a tgt target (LUN 1)
-backed by that file. Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta.
+socket, overlays only) + one nbdfuse per disk turning `overlay/S/diskN` into a file + a tgt
+target whose LUN 1 is disk0 (the one machines SAN-boot from), LUN 2 disk1, and so on.
+Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta.
 Sessions outlive the command that made them (helpers run detached); their PIDs are recorded in
 `<repo>/pxe/iscsi/<S>/session.json` and `unexport` stops them by PID. One tgtd serves every
 session of a repository (`<repo>/pxe/iscsi/tgtd.json`); it stops with the last session.
@@ -49,6 +50,7 @@ from pxe.dnsmasq import (
 )
 from pxe.http import BootHttpServer
 from pxe.ipxe import (
+    DISK_LUN,
     ScriptError,
     iscsi_root_path,
     local_script,
@@ -57,6 +59,7 @@ from pxe.ipxe import (
     unassigned_script,
 )
 from pxe.iscsi import (
+    NBDFUSE_FILE,
     IscsiError,
     Tgt,
     mount_nbdfuse,
@@ -83,6 +86,12 @@ _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 # -- repository paths ---------------------------------------------------------------------------
+def _disk_order(disk: str) -> tuple[int, str]:
+    """disk0, disk1, ..., disk10 in numeric order (LUN i+1 = disk i)."""
+    digits = disk.removeprefix("disk")
+    return (int(digits), "") if digits.isdigit() else (1 << 30, disk)
+
+
 def pxe_dir(root: Path) -> Path:
     return root / "pxe"
 
@@ -182,11 +191,7 @@ class IscsiSessions:
             if s is None:
                 continue
             t = by_iqn.get(s["iqn"])
-            s["alive"] = bool(
-                t is not None
-                and _proc.alive(_proc.ProcRef.from_dict(s["nbd_server"]))
-                and _proc.alive(_proc.ProcRef.from_dict(s["nbdfuse"]))
-            )
+            s["alive"] = t is not None and self._helpers_alive(s)
             s["initiators"] = t.sessions if t else 0
             out.append(s)
         return out
@@ -208,13 +213,18 @@ class IscsiSessions:
                 self._teardown(s)
             return self._create(point_ref, name)
 
+    @staticmethod
+    def _helpers_alive(s: dict[str, Any]) -> bool:
+        """nbdkit's keeper and every disk's nbdfuse still run (checked against PID reuse)."""
+        refs = [s["nbd_server"], *(d["nbdfuse"] for d in s.get("disks", []))]
+        return bool(s.get("disks")) and all(_proc.alive(_proc.ProcRef.from_dict(r)) for r in refs)
+
     def _alive(self, s: dict[str, Any]) -> bool:
         st = self._tgtd_state()
         if st is None:
             return False
         iqns = {t.iqn for t in Tgt(int(st["control_port"])).targets().values()}
-        return (s["iqn"] in iqns and _proc.alive(_proc.ProcRef.from_dict(s["nbd_server"]))
-                and _proc.alive(_proc.ProcRef.from_dict(s["nbdfuse"])))  # fmt: skip
+        return s["iqn"] in iqns and self._helpers_alive(s)
 
     def _create(self, point_ref: str, name: str) -> dict[str, Any]:
         sdir = self.dir / name
@@ -230,7 +240,8 @@ class IscsiSessions:
                 log.info("reusing overlay %s on %s", name, info.base)
             except ds.NotFound:
                 info = ds.create_overlay(repo, point_ref, name)
-        if SAN_DISK not in {d.name for d in info.disks}:
+        names = sorted((d.name for d in info.disks), key=_disk_order)
+        if not names or names[0] != SAN_DISK:
             raise UserError(f"{info.base} has no {SAN_DISK}")
         s: dict[str, Any] = {
             "name": name,
@@ -238,35 +249,35 @@ class IscsiSessions:
             "overlay": name,
             "iqn": target_iqn(name),
             "created_ns": time.time_ns(),
+            "nbd_server": {"pid": 0, "start_ticks": 0},
+            "disks": [],
         }
         try:
-            ref, uri = self._start_nbd_keeper(sdir, name)
+            ref, sock = self._start_nbd_keeper(sdir, name)
             s["nbd_server"] = ref.as_dict()
-            s["nbd_uri"] = uri
-            _write_json(sdir / "session.json", {**s, "nbdfuse": {"pid": 0, "start_ticks": 0}})
-            ref = mount_nbdfuse(sdir / "mnt", s["nbd_uri"], log_path=sdir / "nbdfuse.log")
-            s["nbdfuse"] = ref.as_dict()
-            s["backing"] = str(sdir / "mnt" / "disk")
+            s["nbd_socket"] = str(sock)
             _write_json(sdir / "session.json", s)
+            for lun, disk in enumerate(names, start=DISK_LUN):
+                uri = f"nbd+unix:///overlay/{name}/{disk}?socket={sock}"
+                mnt = sdir / f"mnt-{disk}"
+                fuse = mount_nbdfuse(mnt, uri, log_path=sdir / f"nbdfuse-{disk}.log")
+                s["disks"].append({"disk": disk, "lun": lun, "nbd_uri": uri,
+                                   "nbdfuse": fuse.as_dict(), "mount": str(mnt),
+                                   "backing": str(mnt / NBDFUSE_FILE)})  # fmt: skip
+                _write_json(sdir / "session.json", s)
             tgt, portal = self._ensure_tgtd()
-            s["tid"] = tgt.add_target(s["iqn"], Path(s["backing"]))
+            s["tid"] = tgt.add_target(s["iqn"], [Path(d["backing"]) for d in s["disks"]])
             s["portal"] = portal
             _write_json(sdir / "session.json", s)
         except (UserError, IscsiError, OSError) as exc:
-            self._teardown(
-                {
-                    **s,
-                    "nbdfuse": s.get("nbdfuse", {"pid": 0, "start_ticks": 0}),
-                    "nbd_server": s.get("nbd_server", {"pid": 0, "start_ticks": 0}),
-                }
-            )
+            self._teardown(s)
             if isinstance(exc, UserError):
                 raise
             raise UserError(f"iSCSI export of {point_ref} failed: {exc}") from exc
         log.info("iSCSI session %s: %s on %s as %s", name, info.base, s["portal"], s["iqn"])
         return s
 
-    def _start_nbd_keeper(self, sdir: Path, name: str) -> tuple[_proc.ProcRef, str]:
+    def _start_nbd_keeper(self, sdir: Path, name: str) -> tuple[_proc.ProcRef, Path]:
         """`appliance nbd serve --socket ... --overlays-only` in a session of its own, as the
         session's NBD server (it owns nbdkit through NbdServer: SIGTERM stops nbdkit and syncs
         the overlays).
@@ -309,7 +320,7 @@ class IscsiSessions:
                     f"NBD server for {name} did not start in {NBD_START_TIMEOUT_S:.0f} s"
                 )
             time.sleep(0.05)
-        return ref, f"nbd+unix:///overlay/{name}/{SAN_DISK}?socket={sock}"
+        return ref, sock
 
     def _teardown(self, s: dict[str, Any]) -> None:
         """Target, then nbdfuse (flushes to nbdkit), then nbdkit, then sync the overlay."""
@@ -318,9 +329,10 @@ class IscsiSessions:
         if st is not None:
             with contextlib.suppress(IscsiError):
                 Tgt(int(st["control_port"])).delete_target(s["iqn"])
-        fuse_ref = _proc.ProcRef.from_dict(s["nbdfuse"])
-        if fuse_ref.pid:
-            unmount_nbdfuse(sdir / "mnt", fuse_ref)
+        for d in s.get("disks", []):
+            fuse_ref = _proc.ProcRef.from_dict(d["nbdfuse"])
+            if fuse_ref.pid:
+                unmount_nbdfuse(Path(d["mount"]), fuse_ref)
         nbd_ref = _proc.ProcRef.from_dict(s["nbd_server"])
         if nbd_ref.pid:  # SIGTERM: `nbd serve` stops nbdkit (SIGKILL after 3 s) and syncs
             _proc.stop(nbd_ref, timeout_s=10.0)
@@ -566,8 +578,9 @@ def cmd_iscsi_export(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(s)
     else:
+        luns = ", ".join(f"LUN {d['lun']} = {d['disk']}" for d in s["disks"])
         print(
-            f"{s['name']}: {s['point']} as {s['iqn']} LUN 1 on {s['portal']} "
+            f"{s['name']}: {s['point']} as {s['iqn']} ({luns}) on {s['portal']} "
             f"(iPXE: sanboot iscsi:HOST::{parse_listen(s['portal'])[1]}:1:{s['iqn']})"
         )
     return 0

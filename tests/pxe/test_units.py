@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -468,3 +469,47 @@ def test_iscsi_export_write_unexport_commit(point_repo: PointRepo, tmp_path: Pat
         assert data[(1 << 20) + 65536 :] == original[(1 << 20) + 65536 :]
     finally:
         teardown_iscsi(point_repo.root)
+
+
+@pytest.mark.nbd_client
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("tgtd", "nbdfuse", "qemu-io")),
+                    reason="needs tgt, libnbd-bin, qemu-utils")  # fmt: skip
+def test_iscsi_export_of_two_disks_is_two_luns(point_repo: PointRepo, tmp_path: Path) -> None:
+    """Every disk of a point is a LUN of the session's target: disk0 LUN 1, disk1 LUN 2."""
+    from pxeutil import teardown_iscsi
+    from vmutil import free_tcp_port
+
+    root = tmp_path / "repo2"
+    env = {"APPLIANCE_REPO": str(root)}
+    disk1 = tmp_path / "data.img"
+    disk1.write_bytes(os.urandom(3 << 20) + bytes(1 << 20))
+    run_cli("init", env=env)
+    point = json.loads(run_cli("backup", "image", str(point_repo.disk), str(disk1), "--source",
+                               "two", "--json", env=env).stdout)["point"]  # fmt: skip
+    port = free_tcp_port()
+    try:
+        out = run_cli("iscsi", "export", point, "--name", "pair", "--portal",
+                      f"127.0.0.1:{port}", env=env).stdout  # fmt: skip
+        assert "LUN 1 = disk0, LUN 2 = disk1" in out
+        s = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)[0]
+        assert [(d["disk"], d["lun"]) for d in s["disks"]] == [("disk0", 1), ("disk1", 2)]
+        base = f"iscsi://127.0.0.1:{port}/{s['iqn']}"
+        for lun, src in ((1, point_repo.disk), (2, disk1)):
+            subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src),
+                            f"{base}/{lun}"], check=True, capture_output=True,
+                           timeout=60)  # fmt: skip
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 3M 64k", f"{base}/2"],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        out = run_cli("iscsi", "unexport", "pair", "--commit", "--drop", env=env).stdout
+        new_point = out.strip().rsplit(" ", 1)[-1]
+        got = tmp_path / "d1.img"
+        run_cli("restore", f"{new_point}/disk1", str(got), env=env)
+        data, orig = got.read_bytes(), disk1.read_bytes()
+        assert data[3 << 20 : (3 << 20) + 65536] == b"\x77" * 65536
+        assert data[: 3 << 20] == orig[: 3 << 20]
+        assert data[(3 << 20) + 65536 :] == orig[(3 << 20) + 65536 :]
+        d0 = tmp_path / "d0.img"
+        run_cli("restore", f"{new_point}/disk0", str(d0), env=env)
+        assert sha256_file(d0) == point_repo.sha256  # the other LUN untouched
+    finally:
+        teardown_iscsi(root)
