@@ -5,9 +5,11 @@ ISO, ``-kernel``), prints ``RESCUE READY``, and reads its restore order from the
 line:
 
 =====================  ==========================================================================
-``restore.src=URI``    NBD URI of the backup point, e.g. ``nbd://10.0.2.2:10809/export``.
+``restore.src=URI``    NBD URI of the backup point's disk, e.g. ``nbd://10.0.2.2:10809/export``;
+                       several disks: a comma-separated list (disk0 first).
                        Absent: no restore, a shell is started on the console.
-``restore.dst=DEV``    local block device to overwrite (default ``/dev/sda``).
+``restore.dst=DEV``    local block device to overwrite (default ``/dev/sda``); with several
+                       sources, as many comma-separated devices, in the same order.
 ``restore.zero=1``     the destination is known to be all zeroes (a new/blank disk): nbdcopy gets
                        ``--destination-is-zero`` and skips every hole/zero extent the server
                        reports with NBD block status. Default 0: zero extents are written as
@@ -17,8 +19,9 @@ line:
 =====================  ==========================================================================
 
 The restore brings up every network interface driver it carries (virtio_net, e1000, e1000e),
-runs DHCP on the first interface that gets a lease, then ``nbdinfo --size`` and
-``nbdcopy --flush SRC DST``, and prints ``RESTORE OK <bytes>`` or ``RESTORE FAILED <reason>``.
+runs DHCP on the first interface that gets a lease, then per disk ``nbdinfo --size`` (the
+device must be large enough) and ``nbdcopy --flush SRC DST``, and prints ``RESTORE START`` per
+disk, then ``RESTORE OK <total bytes>`` or ``RESTORE FAILED <reason>``.
 """
 
 from __future__ import annotations
@@ -125,17 +128,34 @@ network_up() {
 }
 
 restore() {
-    i=0
-    while [ ! -b "$dst" ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
-    [ -b "$dst" ] || { fail "no block device $dst"; return 1; }
+    # src and dst are comma-separated lists: disk0 -> first device, disk1 -> second, ...
+    srcs=$(echo "$src" | tr , ' ')
+    dsts=$(echo "$dst" | tr , ' ')
+    nsrc=$(echo $srcs | wc -w)
+    ndst=$(echo $dsts | wc -w)
+    [ "$nsrc" = "$ndst" ] || { fail "restore.src has $nsrc disk(s), restore.dst $ndst"; return 1; }
+    for d in $dsts; do
+        i=0
+        while [ ! -b "$d" ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+        [ -b "$d" ] || { fail "no block device $d"; return 1; }
+    done
     network_up || return 1
-    size=$(nbdinfo --size "$src") || { fail "cannot reach $src"; return 1; }
-    echo "RESTORE START $src -> $dst ($size bytes)"
-    flags=--flush
-    [ "$zero" = 1 ] && flags="$flags --destination-is-zero"
-    nbdcopy $flags "$src" "$dst" || { fail "nbdcopy exited $?"; return 1; }
+    total=0
+    set -- $dsts
+    for s in $srcs; do
+        d=$1
+        shift
+        size=$(nbdinfo --size "$s") || { fail "cannot reach $s"; return 1; }
+        have=$(( $(cat "/sys/class/block/${d##*/}/size") * 512 ))
+        [ "$size" -le "$have" ] || { fail "$d too small ($have < $size bytes)"; return 1; }
+        echo "RESTORE START $s -> $d ($size bytes)"
+        flags=--flush
+        [ "$zero" = 1 ] && flags="$flags --destination-is-zero"
+        nbdcopy $flags "$s" "$d" || { fail "nbdcopy $s exited $?"; return 1; }
+        total=$((total + size))
+    done
     sync
-    echo "RESTORE OK $size"
+    echo "RESTORE OK $total"
 }
 
 if [ -n "$src" ]; then
@@ -154,11 +174,20 @@ while :; do setsid cttyhack sh -l; sleep 1; done
 def restore_cmdline(
     src: str, *, dst: str = "/dev/sda", zero: bool = False, reboot: bool = True
 ) -> str:
-    """Full kernel command line for an unattended restore of ``src`` onto ``dst``."""
-    if not src.startswith(("nbd://", "nbds://", "nbd+unix://")) or any(c.isspace() for c in src):
-        raise KernelBuildError(f"bad restore source {src!r}: expected an nbd:// URI")
-    if any(c.isspace() for c in dst):
+    """Full kernel command line for an unattended restore of ``src`` onto ``dst``.
+
+    Several disks: comma-separated lists of the same length (disk0 first).
+    """
+    srcs, dsts = src.split(","), dst.split(",")
+    for one in srcs:
+        if not one.startswith(("nbd://", "nbds://", "nbd+unix://")) or any(
+            c.isspace() for c in one
+        ):
+            raise KernelBuildError(f"bad restore source {one!r}: expected an nbd:// URI")
+    if any(c.isspace() for c in dst) or not all(dsts):
         raise KernelBuildError(f"bad restore destination {dst!r}")
+    if len(srcs) != len(dsts):
+        raise KernelBuildError(f"{len(srcs)} restore source(s) but {len(dsts)} destination(s)")
     return (
         f"{RESCUE_CMDLINE} restore.src={src} restore.dst={dst} "
         f"restore.zero={int(zero)} restore.reboot={int(reboot)}"

@@ -69,7 +69,8 @@ class Assignment:
     #: (otherwise a machine that reboots after its restore would restore again, forever).
     once: bool = True
     updated_ns: int = 0
-    #: rescue only: the local disk the point is written to (``restore.dst``)
+    #: rescue only: the local disk(s) the point's disks are written to, in order, comma-separated
+    #: (``restore.dst``): disk0 onto the first, disk1 onto the second, ...
     dst: str = DEFAULT_DST
 
     def __post_init__(self) -> None:
@@ -86,11 +87,20 @@ class Assignment:
         if self.point is not None and (not self.point or any(c.isspace() for c in self.point)):
             raise AssignmentError(f"bad point reference {self.point!r}")
 
-        if not _DST_RE.match(self.dst) or ".." in self.dst:
-            raise AssignmentError(f"bad restore destination {self.dst!r} (e.g. /dev/nvme0n1)")
+        devs = self.dst.split(",")
+        for dev in devs:
+            if not _DST_RE.match(dev) or ".." in dev:
+                raise AssignmentError(f"bad restore destination {dev!r} (e.g. /dev/nvme0n1)")
+        if len(set(devs)) != len(devs):
+            raise AssignmentError(f"restore destinations repeat a device: {self.dst}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def dsts(self) -> list[str]:
+        """The restore destinations in disk order (disk0 first)."""
+        return self.dst.split(",")
 
     def describe(self) -> str:
         if self.action == "local":

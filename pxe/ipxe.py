@@ -101,6 +101,14 @@ def local_script() -> str:
     )
 
 
+def error_script(message: str) -> str:
+    """Say why this machine gets nothing on its console, wait, and leave network boot."""
+    text = " ".join(message.split())
+    if any(c in text for c in "$\\"):
+        raise ScriptError(f"message not safe for iPXE: {message!r}")
+    return f"#!ipxe\necho DR Appliance: {text}\nsleep 10\nexit\n"
+
+
 def unassigned_script(mac: str) -> str:
     """Machines nobody assigned: say so and leave (the BIOS tries its next boot device)."""
     return f"#!ipxe\necho DR Appliance: no assignment for {mac}; leaving network boot\nexit\n"

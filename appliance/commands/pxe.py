@@ -52,6 +52,7 @@ from pxe.http import BootHttpServer
 from pxe.ipxe import (
     DISK_LUN,
     ScriptError,
+    error_script,
     iscsi_root_path,
     local_script,
     rescue_script,
@@ -395,7 +396,15 @@ class BootPlanner:
         if a.action == "rescue":
             with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
                 point = repo.resolve(a.point)  # pin the id: @latest may move mid-restore
-            src = f"nbd://{host}:{self.nbd_port}/{point.name}/{SAN_DISK}"
+            disks = sorted((str(d["name"]) for d in point.manifest["disks"]), key=_disk_order)
+            if len(disks) != len(a.dsts):
+                log.error("%s: %s has %d disk(s), the assignment names %d destination(s)",
+                          mac, point.name, len(disks), len(a.dsts))  # fmt: skip
+                return error_script(
+                    f"{point.name} has {len(disks)} disk(s) but the assignment names "
+                    f"{len(a.dsts)} local disk(s); reassign with --dst"
+                )
+            src = ",".join(f"nbd://{host}:{self.nbd_port}/{point.name}/{d}" for d in disks)
             cmdline = (
                 f"{RESCUE_BASE_CMDLINE} restore.src={src} restore.dst={a.dst} "
                 "restore.zero=0 restore.reboot=1"
@@ -472,7 +481,8 @@ def register(sub: Any) -> None:
         "--dst",
         default=DEFAULT_DST,
         metavar="DEV",
-        help=f"rescue: the disk to overwrite (default {DEFAULT_DST}; e.g. /dev/nvme0n1)",
+        help=f"rescue: the disk to overwrite (default {DEFAULT_DST}; e.g. /dev/nvme0n1); "
+        "a point with several disks needs one per disk, in order: /dev/sda,/dev/sdb",
     )
     a.set_defaults(func=cmd_assign)
     ls = psub.add_parser("list", help="list assignments")
@@ -530,8 +540,17 @@ def cmd_assign(args: argparse.Namespace) -> int:
                 p = repo.resolve(args.point)  # unknown point: NotFound, a one-line error
                 if p.kind != "image":
                     raise UserError(f"{p.name} is a {p.kind} point: only image points boot")
-                if SAN_DISK not in {str(d["name"]) for d in p.manifest["disks"]}:
+                disks = sorted((str(d["name"]) for d in p.manifest["disks"]), key=_disk_order)
+                if not disks or disks[0] != SAN_DISK:
                     raise UserError(f"{p.name} has no {SAN_DISK}")
+                ndst = len(args.dst.split(","))
+                if args.action == "rescue" and ndst != len(disks):
+                    example = ",".join(f"/dev/sd{'abcdefghijklmnopqrstuvwxyz'[i]}"
+                                       for i in range(min(len(disks), 26)))  # fmt: skip
+                    raise UserError(
+                        f"{p.name} has {len(disks)} disk(s) ({', '.join(disks)}) but --dst names "
+                        f"{ndst}: give one local disk per backed-up disk, e.g. --dst {example}"
+                    )
             point = args.point
         a = assignments(root).set(mac, args.action, point, once=not args.always, dst=args.dst)
     except AssignmentError as exc:

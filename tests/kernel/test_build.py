@@ -138,6 +138,12 @@ def test_restore_cmdline() -> None:
         restore_cmdline("http://x/y")
     with pytest.raises(KernelBuildError):
         restore_cmdline("nbd://h/x y")
+    two = restore_cmdline("nbd://h/a,nbd://h/b", dst="/dev/vda,/dev/vdb")
+    assert "restore.src=nbd://h/a,nbd://h/b restore.dst=/dev/vda,/dev/vdb " in two
+    with pytest.raises(KernelBuildError, match="2 restore source"):
+        restore_cmdline("nbd://h/a,nbd://h/b")  # one destination for two disks
+    with pytest.raises(KernelBuildError, match="bad restore source"):
+        restore_cmdline("nbd://h/a,http://h/b", dst="/dev/sda,/dev/sdb")
 
 
 def test_iso_is_hybrid(tmp_path: Path) -> None:

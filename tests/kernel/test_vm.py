@@ -6,8 +6,10 @@ a timeout and every process (QEMU, qemu-nbd) is stopped by PID, even on failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -178,6 +180,48 @@ def test_rescue_restores_disk_over_nbd(
         assert target.stat().st_blocks * 512 < size
 
     boot_test_disk(target, "RESTORED", tmp_path / "target.log")
+
+
+@needs_qemu_nbd
+def test_rescue_restores_two_disks_in_order(
+    tmp_path: Path, rescue_files: tuple[Path, Path]
+) -> None:
+    """restore.src/restore.dst lists: disk0 onto /dev/sda, disk1 onto /dev/sdb."""
+    kernel, initrd = rescue_files
+    sources = [tmp_path / "disk0.img", tmp_path / "disk1.img"]
+    build_boot_disk(sources[0], marker="TWODISK")
+    sources[1].write_bytes(os.urandom(6 << 20) + bytes(2 << 20))
+    targets = [tmp_path / "t0.img", tmp_path / "t1.img"]
+    for src, dst in zip(sources, targets, strict=True):
+        with dst.open("wb") as f:
+            f.truncate(src.stat().st_size)
+    ports = [free_tcp_port(), free_tcp_port()]
+    with contextlib.ExitStack() as stack:
+        for i, (src, port) in enumerate(zip(sources, ports, strict=True)):
+            stack.enter_context(managed_process(
+                ["qemu-nbd", "--read-only", "--persistent", "--shared=8", "--format=raw",
+                 f"--export-name=d{i}", "--bind=127.0.0.1", f"--port={port}", str(src)],
+                log_path=tmp_path / f"qemu-nbd{i}.log"))  # fmt: skip
+            wait_tcp("127.0.0.1", port)
+        cmdline = restore_cmdline(
+            f"nbd://10.0.2.2:{ports[0]}/d0,nbd://10.0.2.2:{ports[1]}/d1",
+            dst="/dev/sda,/dev/sdb", zero=True,
+        )
+        result = run_qemu(
+            ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+             "-drive", f"file={targets[0]},format=raw,if=ide,index=0",
+             "-drive", f"file={targets[1]},format=raw,if=ide,index=1",
+             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"],
+            serial_log=tmp_path / "rescue.log", wait_for="RESTORE OK", fail_on=FAIL_ON,
+            timeout_s=BOOT_TIMEOUT_S, expect_exit=True,
+        )  # fmt: skip
+    assert f"-> /dev/sda ({sources[0].stat().st_size} bytes)" in result.log
+    assert f"-> /dev/sdb ({sources[1].stat().st_size} bytes)" in result.log
+    total = sum(src.stat().st_size for src in sources)
+    assert re.search(rf"RESTORE OK {total}\b", result.log)
+    for src, dst in zip(sources, targets, strict=True):
+        assert sha256_file(dst) == sha256_file(src)
+    boot_test_disk(targets[0], "TWODISK", tmp_path / "t0.log")
 
 
 def test_rescue_reports_failure_and_reboots(

@@ -513,3 +513,42 @@ def test_iscsi_export_of_two_disks_is_two_luns(point_repo: PointRepo, tmp_path: 
         assert sha256_file(d0) == point_repo.sha256  # the other LUN untouched
     finally:
         teardown_iscsi(root)
+
+
+def test_rescue_of_a_two_disk_point_needs_one_destination_per_disk(
+    point_repo: PointRepo, tmp_path: Path
+) -> None:
+    """disk0 -> first --dst, disk1 -> second; a count mismatch is refused, and a point that
+    grew a disk since the assignment gets an explanatory script instead of a half restore."""
+    from appliance.commands.pxe import BootPlanner, IscsiSessions, assignments
+
+    root = tmp_path / "repo2"
+    env = {"APPLIANCE_REPO": str(root)}
+    disk1 = tmp_path / "data.img"
+    disk1.write_bytes(os.urandom(1 << 20))
+    run_cli("init", env=env)
+    run_cli("backup", "image", str(point_repo.disk), "--source", "two", env=env)
+    mac = "52:54:00:00:02:01"
+    run_cli("pxe", "assign", mac, "rescue", "two@latest", env=env)  # one disk: default dst
+    point = json.loads(run_cli("backup", "image", str(point_repo.disk), str(disk1),
+                               "--source", "two", "--json", env=env).stdout)["point"]  # fmt: skip
+    planner = BootPlanner(
+        root, http_port=8080, nbd_port=10809, sessions=IscsiSessions(root), passphrase=None
+    )
+    with assert_logs("has 2 disk\\(s\\), the assignment names 1", level=logging.ERROR):
+        s = planner.script_for(mac, "10.0.0.1")
+    assert "restore.src" not in s and "reassign with --dst" in s
+
+    bad = run_cli("pxe", "assign", mac, "rescue", "two@latest", env=env, check=False)
+    assert bad.returncode == 2
+    assert "has 2 disk(s) (disk0, disk1) but --dst names 1" in bad.stderr
+    assert "--dst /dev/sda,/dev/sdb" in bad.stderr
+    dup = run_cli("pxe", "assign", mac, "rescue", "two@latest", "--dst", "/dev/sda,/dev/sda",
+                  env=env, check=False)  # fmt: skip
+    assert dup.returncode == 2 and "repeat" in dup.stderr
+    run_cli("pxe", "assign", mac, "rescue", "two@latest", "--dst", "/dev/vda,/dev/vdb", env=env)
+    s = planner.script_for(mac, "10.0.0.1")
+    assert (f"restore.src=nbd://10.0.0.1:10809/{point}/disk0,"
+            f"nbd://10.0.0.1:10809/{point}/disk1 restore.dst=/dev/vda,/dev/vdb ") in s  # fmt: skip
+    after = assignments(root).get(mac)
+    assert after is not None and after.action == "local"  # one-shot: the next boot is local
