@@ -75,12 +75,21 @@ def iscsi_root_path(host: str, port: int, iqn: str, lun: int = DISK_LUN) -> str:
     return f"iscsi:{host}::{port}:{lun}:{iqn}"
 
 
-def sanboot_script(root_path: str) -> str:
-    """Boot from a SAN disk (iSCSI root path); iPXE describes it in the iBFT for the OS."""
+def sanboot_script(root_path: str, chap: tuple[str, str] | None = None) -> str:
+    """Boot from a SAN disk (iSCSI root path); iPXE describes it in the iBFT for the OS.
+
+    ``chap`` = (user, secret): iPXE logs in with them and hands them on in the iBFT, so the
+    OS's initiator logs in the same way.
+    """
     _check_arg("root path", root_path)
+    creds = ""
+    if chap is not None:
+        user, secret = (_check_arg("CHAP user", chap[0]), _check_arg("CHAP secret", chap[1]))
+        creds = f"set username {user}\nset password {secret}\n"
     return (
         "#!ipxe\n"
         "# DR Appliance: SAN boot of a backup point (writes go to an overlay)\n"
+        f"{creds}"
         f"echo DR Appliance: SAN boot {root_path}\n"
         f"sanboot {root_path}\n"
     )

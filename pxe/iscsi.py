@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -69,6 +70,19 @@ def free_control_port() -> int:
     raise IscsiError(f"no free tgtd control port in {_CONTROL_PORTS.start}-{_CONTROL_PORTS.stop}")
 
 
+@dataclass(frozen=True)
+class Chap:
+    """CHAP credentials an initiator must present to log in to a target."""
+
+    user: str
+    secret: str
+
+    @classmethod
+    def generate(cls, user: str) -> Chap:
+        """A fresh 16-character secret (the length every common initiator accepts)."""
+        return cls(user, secrets.token_hex(8))
+
+
 @dataclass
 class TargetInfo:
     tid: int
@@ -114,10 +128,14 @@ class Tgt:
                     cur.backing.append(s.split(":", 1)[1].strip())
         return out
 
-    def add_target(self, iqn: str, backings: Sequence[Path], *, readonly: bool = False) -> int:
-        """New target ``iqn`` with ``backings[i]`` as LUN ``i + 1``, open to every initiator.
+    def add_target(
+        self, iqn: str, backings: Sequence[Path], *, readonly: bool = False,
+        chap: Chap | None = None,
+    ) -> int:
+        """New target ``iqn`` with ``backings[i]`` as LUN ``i + 1``.
 
-        Returns its tid. On failure the half-made target is deleted.
+        Any initiator address may connect; with ``chap`` only one that logs in with those
+        credentials gets in. Returns its tid. On failure the half-made target is deleted.
         """
         if not backings:
             raise IscsiError(f"target {iqn}: no disks to export")
@@ -135,23 +153,34 @@ class Tgt:
                 if readonly:
                     lun += ["--params", "readonly=1"]
                 self.adm(*lun)
+            if chap is not None:
+                self.adm("--mode", "account", "--op", "new", "--user", chap.user,
+                         "--password", chap.secret)  # fmt: skip
+                self.adm("--mode", "account", "--op", "bind", "--tid", str(tid),
+                         "--user", chap.user)  # fmt: skip
             self.adm("--mode", "target", "--op", "bind", "--tid", str(tid),
                      "--initiator-address", "ALL")  # fmt: skip
         except IscsiError:
             self.adm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid),
                      check=False)  # fmt: skip
+            if chap is not None:
+                self.adm("--mode", "account", "--op", "delete", "--user", chap.user, check=False)
             raise
         log.info("iSCSI target %d %s -> %s", tid, iqn, ", ".join(map(str, backings)))
         return tid
 
-    def delete_target(self, iqn: str) -> bool:
-        """Delete the target named ``iqn`` even with initiators logged in. False if absent."""
+    def delete_target(self, iqn: str, *, chap_user: str | None = None) -> bool:
+        """Delete the target named ``iqn`` even with initiators logged in, and its CHAP
+        account ``chap_user``. False if there was no such target."""
+        found = False
         for tid, t in self.targets().items():
             if t.iqn == iqn:
                 self.adm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
                 log.info("deleted iSCSI target %d %s", tid, iqn)
-                return True
-        return False
+                found = True
+        if chap_user:
+            self.adm("--mode", "account", "--op", "delete", "--user", chap_user, check=False)
+        return found
 
 
 def start_tgtd(portal: str, *, log_path: Path, timeout_s: float = 10.0) -> tuple[ProcRef, int]:

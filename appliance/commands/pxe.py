@@ -8,7 +8,10 @@ the NBD export / overlay / iSCSI target it needs exists before its script is ans
 An iSCSI session `S` = overlay `S` on a point + one `appliance nbd serve` (nbdkit on a unix
 socket, overlays only) + one nbdfuse per disk turning `overlay/S/diskN` into a file + a tgt
 target whose LUN 1 is disk0 (the one machines SAN-boot from), LUN 2 disk1, and so on.
-Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta.
+Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta. Every target requires
+CHAP with a per-session user and random secret (kept in the root-only session.json, printed by
+`iscsi export`, and put into the iPXE script of the machine assigned to SAN-boot it, whose iBFT
+hands them on to the OS's initiator).
 Sessions outlive the command that made them (helpers run detached); their PIDs are recorded in
 `<repo>/pxe/iscsi/<S>/session.json` and `unexport` stops them by PID. One tgtd serves every
 session of a repository (`<repo>/pxe/iscsi/tgtd.json`); it stops with the last session.
@@ -61,6 +64,7 @@ from pxe.ipxe import (
 )
 from pxe.iscsi import (
     NBDFUSE_FILE,
+    Chap,
     IscsiError,
     Tgt,
     mount_nbdfuse,
@@ -119,8 +123,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically, readable by root only (session files carry CHAP secrets)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
@@ -253,6 +260,8 @@ class IscsiSessions:
             "nbd_server": {"pid": 0, "start_ticks": 0},
             "disks": [],
         }
+        chap = Chap.generate(f"dr-{name}")
+        s["chap_user"], s["chap_secret"] = chap.user, chap.secret
         try:
             ref, sock = self._start_nbd_keeper(sdir, name)
             s["nbd_server"] = ref.as_dict()
@@ -267,7 +276,8 @@ class IscsiSessions:
                                    "backing": str(mnt / NBDFUSE_FILE)})  # fmt: skip
                 _write_json(sdir / "session.json", s)
             tgt, portal = self._ensure_tgtd()
-            s["tid"] = tgt.add_target(s["iqn"], [Path(d["backing"]) for d in s["disks"]])
+            s["tid"] = tgt.add_target(s["iqn"], [Path(d["backing"]) for d in s["disks"]],
+                                      chap=chap)  # fmt: skip
             s["portal"] = portal
             _write_json(sdir / "session.json", s)
         except (UserError, IscsiError, OSError) as exc:
@@ -329,7 +339,8 @@ class IscsiSessions:
         st = self._tgtd_state()
         if st is not None:
             with contextlib.suppress(IscsiError):
-                Tgt(int(st["control_port"])).delete_target(s["iqn"])
+                Tgt(int(st["control_port"])).delete_target(s["iqn"],
+                                                           chap_user=s.get("chap_user"))
         for d in s.get("disks", []):
             fuse_ref = _proc.ProcRef.from_dict(d["nbdfuse"])
             if fuse_ref.pid:
@@ -412,7 +423,8 @@ class BootPlanner:
             return rescue_script(f"http://{host}:{self.http_port}", cmdline)
         s = self.sessions.export(a.point, pxe_session_name(mac))
         _, port = parse_listen(s["portal"])
-        return sanboot_script(iscsi_root_path(host, port, s["iqn"]))
+        return sanboot_script(iscsi_root_path(host, port, s["iqn"]),
+                              chap=(s["chap_user"], s["chap_secret"]))  # fmt: skip
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -599,8 +611,10 @@ def cmd_iscsi_export(args: argparse.Namespace) -> int:
     else:
         luns = ", ".join(f"LUN {d['lun']} = {d['disk']}" for d in s["disks"])
         print(
-            f"{s['name']}: {s['point']} as {s['iqn']} ({luns}) on {s['portal']} "
-            f"(iPXE: sanboot iscsi:HOST::{parse_listen(s['portal'])[1]}:1:{s['iqn']})"
+            f"{s['name']}: {s['point']} as {s['iqn']} ({luns}) on {s['portal']}\n"
+            f"  CHAP user {s['chap_user']} secret {s['chap_secret']}\n"
+            f"  iPXE: set username {s['chap_user']}; set password {s['chap_secret']}; "
+            f"sanboot iscsi:HOST::{parse_listen(s['portal'])[1]}:1:{s['iqn']}"
         )
     return 0
 

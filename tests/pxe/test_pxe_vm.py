@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,11 @@ def test_sanboot_over_iscsi_writes_to_overlay_and_commits(
 
     sessions = json.loads(run_cli("iscsi", "list", "--json", env=serve.env()).stdout)
     assert [s["name"] for s in sessions] == [session]
+    # the guest got in with the session's CHAP secret (iPXE -> iBFT -> iscsistart); nobody
+    # else does
+    anon = subprocess.run(["qemu-img", "info", f"iscsi://127.0.0.1:{serve.portal_port}/{iqn}/1"],
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert anon.returncode != 0
     out = run_cli("iscsi", "unexport", session, "--commit", env=serve.env()).stdout
     committed = re.search(r"committed as (\S+)", out)
     assert committed, out

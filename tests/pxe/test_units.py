@@ -170,6 +170,11 @@ def test_sanboot_script_and_root_path() -> None:
     assert rp == f"iscsi:10.0.2.2::3260:1:{iqn}"  # LUN 1: tgt's LUN 0 is the controller
     assert iscsi_root_path("fd00::1", 3260, iqn).startswith("iscsi:[fd00::1]::3260:1:")
     assert f"sanboot {rp}\n" in sanboot_script(rp)
+    with_chap = sanboot_script(rp, chap=("dr-x", "0123456789abcdef"))
+    assert "set username dr-x\nset password 0123456789abcdef\n" in with_chap
+    assert with_chap.index("set password") < with_chap.index("sanboot ")
+    with pytest.raises(ScriptError):
+        sanboot_script(rp, chap=("dr-x", "bad ${secret}"))
     with pytest.raises(ScriptError, match="target name"):
         iscsi_root_path("10.0.2.2", 3260, "not-an-iqn")
     with pytest.raises(ScriptError, match="port"):
@@ -447,7 +452,16 @@ def test_iscsi_export_write_unexport_commit(point_repo: PointRepo, tmp_path: Pat
         again = json.loads(run_cli("iscsi", "export", point_repo.point, "--name", "take1",
                                    "--json", env=env).stdout)  # fmt: skip
         assert again["nbd_server"] == s["nbd_server"] and again["tid"] == s["tid"]
-        lun = f"iscsi://127.0.0.1:{port}/{s['iqn']}/1"
+        # CHAP: without the session's credentials no initiator gets in
+        anon = subprocess.run(["qemu-img", "info", f"iscsi://127.0.0.1:{port}/{s['iqn']}/1"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert anon.returncode != 0
+        wrong = subprocess.run(
+            ["qemu-img", "info", f"iscsi://{s['chap_user']}%nope@127.0.0.1:{port}/{s['iqn']}/1"],
+            capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert wrong.returncode != 0
+        assert len(s["chap_secret"]) == 16
+        lun = f"iscsi://{s['chap_user']}%{s['chap_secret']}@127.0.0.1:{port}/{s['iqn']}/1"
         copy = tmp_path / "via-iscsi.img"
         subprocess.run(["qemu-img", "convert", "-O", "raw", lun, str(copy)], check=True,
                        capture_output=True, timeout=60)  # fmt: skip
@@ -493,7 +507,8 @@ def test_iscsi_export_of_two_disks_is_two_luns(point_repo: PointRepo, tmp_path: 
         assert "LUN 1 = disk0, LUN 2 = disk1" in out
         s = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)[0]
         assert [(d["disk"], d["lun"]) for d in s["disks"]] == [("disk0", 1), ("disk1", 2)]
-        base = f"iscsi://127.0.0.1:{port}/{s['iqn']}"
+        assert f"CHAP user {s['chap_user']} secret {s['chap_secret']}" in out
+        base = f"iscsi://{s['chap_user']}%{s['chap_secret']}@127.0.0.1:{port}/{s['iqn']}"
         for lun, src in ((1, point_repo.disk), (2, disk1)):
             subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src),
                             f"{base}/{lun}"], check=True, capture_output=True,
