@@ -129,23 +129,34 @@ def test_migrate_moves_running_vm_off_the_store(rrepo: RecoveryRepo, tmp_path: P
         files = [d["inserted"]["file"] for d in q.block_devices() if d.get("inserted")]
         assert files == [str(target)]
     # ... and the guest keeps writing and reading (O_DIRECT, fresh offsets) without it.
-    n_at_pivot = max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
-    wait_serial(serial, f"TICK {n_at_pivot + 6} ", timeout_s=30)
-    assert "IOERR" not in serial.read_text()
+    ticks_go_on(serial)
 
     # Committing a migrated session's overlay would store stale disks: refused.
     refused = rrepo.cli("stop", "m1", "--commit", check=False)
     assert refused.returncode == 2 and "migrated" in refused.stderr
     rrepo.cli("stop", "m1")
-    last = max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
+    check_migrated_disk(rrepo, serial, target, tmp_path / "prod.raw")
 
-    raw = tmp_path / "prod.raw"
+
+def last_tick(serial: Path) -> int:
+    return max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
+
+
+def ticks_go_on(serial: Path) -> None:
+    """The ticker guest writes and reads 6 more times after the pivot, without an I/O error."""
+    wait_serial(serial, f"TICK {last_tick(serial) + 6} ", timeout_s=30)
+    assert "IOERR" not in serial.read_text()
+
+
+def check_migrated_disk(rrepo: RecoveryRepo, serial: Path, target: Path, raw: Path) -> None:
+    """After the session stopped: the migration target holds the write made before the copy,
+    the newest tick written after the pivot, and the backed-up image everywhere else."""
+    last = last_tick(serial)
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(target), str(raw)], check=True)
     data = raw.read_bytes()
     sectors = len(data) // 512
-    assert data[(sectors - 128) * 512 :].startswith(f"EARLY-{TICKER}\n".encode())  # pre-mirror
+    assert data[(sectors - 128) * 512 :].startswith(f"EARLY-{TICKER}\n".encode())  # pre-copy
     tick = data[(sectors - 64) * 512 :].split(b"\n", 1)[0].decode()
     assert tick in (f"TICK-{last}", f"TICK-{last + 1}")  # the newest write, post-pivot
-    # The rest of the disk is the backed-up image.
     orig = rrepo.ticker.read_bytes()
     assert data[: (sectors - 128) * 512] == orig[: (sectors - 128) * 512]

@@ -7,9 +7,7 @@ stops them, and every QEMU they started, by PID.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import MARKER, TICKER, RecoveryRepo
 from recoveryutil import PrivateLibvirt
-from test_boot import restore_bytes, wait_serial, wait_state
+from test_boot import (
+    check_migrated_disk,
+    restore_bytes,
+    ticks_go_on,
+    wait_serial,
+    wait_state,
+)
 
 from appliance import recovery
 from kernel.testdisk import guest_pattern, guest_write_lba
@@ -114,18 +118,6 @@ def test_libvirt_migrate_moves_domain_off_the_store(
             assert src is not None and src.get("file") == str(target)
     finally:
         conn.close()
-    n_at_pivot = max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
-    wait_serial(serial, f"TICK {n_at_pivot + 6} ", timeout_s=30)
-    assert "IOERR" not in serial.read_text()
-
+    ticks_go_on(serial)
     rrepo.cli("stop", "lvm")
-    last = max(int(m) for m in re.findall(r"TICK (\d+) ", serial.read_text()))
-    raw = tmp_path / "prod.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(target), str(raw)], check=True)
-    data = raw.read_bytes()
-    sectors = len(data) // 512
-    assert data[(sectors - 128) * 512 :].startswith(f"EARLY-{TICKER}\n".encode())  # pre-copy
-    tick = data[(sectors - 64) * 512 :].split(b"\n", 1)[0].decode()
-    assert tick in (f"TICK-{last}", f"TICK-{last + 1}")  # the newest write, post-pivot
-    orig = rrepo.ticker.read_bytes()
-    assert data[: (sectors - 128) * 512] == orig[: (sectors - 128) * 512]
+    check_migrated_disk(rrepo, serial, target, tmp_path / "prod.raw")
