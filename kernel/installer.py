@@ -16,9 +16,12 @@ appliance itself, made only from what is installed on the build machine (no debo
   ``dedupstore``, ``vfs``, ``nbd``, ``pxe``, ``image``; byte-compiled), an ``appliance`` command and
   ``/sbin/init`` (:data:`ROOT_INIT`).
 
-The installed system's ``/sbin/init`` prints ``APPLIANCE INSTALLED SYSTEM READY`` and
-``APPLIANCE ROOT <size>K`` (the root filesystem's size); on first boot it
-runs ``appliance --repo /var/lib/appliance/repo init``, later boots ``appliance ... points``; it
+The root also carries the host tools the appliance runs (:data:`APPLIANCE_TOOLS`: nbdkit with
+its Python plugin, nbdcopy/nbdinfo, fusermount3) with their libraries, and the boot initramfs
+loads ``fuse``. The installed system's ``/sbin/init`` prints ``APPLIANCE INSTALLED SYSTEM READY``
+and ``APPLIANCE ROOT <size>K`` (the root filesystem's size); on first boot it runs ``appliance
+--repo /var/lib/appliance/repo init`` and ``appliance selftest`` (store, NBD export, FUSE mount
+on a throw-away repository), later boots ``appliance ... points``; it
 prints ``APPLIANCE RESULT rc=N`` and powers off (``appliance.halt=0`` on the kernel command line
 leaves a shell instead).
 
@@ -74,7 +77,7 @@ from kernel.testdisk import DISK_MODULES, MBR_BIN, PARTITION_START_LBA, SECTOR
 log = logging.getLogger(__name__)
 
 #: Bump when the image layout changes so that stale cache entries are not reused.
-IMAGE_FORMAT_VERSION = "1"
+IMAGE_FORMAT_VERSION = "2"
 
 PYTHON = Path("/usr/bin/python3.11")
 PYTHON_STDLIB = Path("/usr/lib/python3.11")
@@ -103,7 +106,12 @@ BOOT_PART_MIB = 32
 #: ext4 root: content size x this + slack (journal, inodes, the repository's first data).
 ROOT_SLACK_FACTOR = 1.4
 ROOT_SLACK_MIB = 64
-APPLIANCE_MODULES = (*DISK_MODULES, "ahci", "crc32c_generic", "ext4")
+APPLIANCE_MODULES = (*DISK_MODULES, "ahci", "crc32c_generic", "ext4", "fuse")
+#: Host tools the installed appliance runs (with their libraries): the NBD server and clients,
+#: and FUSE's unmount helper. nbdkit's Python plugin comes along from its plugin directory.
+APPLIANCE_TOOLS = (("nbdkit", "nbdkit"), ("nbdcopy", "libnbd-bin"), ("nbdinfo", "libnbd-bin"),
+                   ("fusermount3", "fuse3"))  # fmt: skip
+NBDKIT_PYTHON_PLUGIN = "nbdkit-python-plugin.so"
 INSTALLER_MODULES = (*DISK_MODULES, "ahci", "cdrom", "sr_mod", "isofs")
 #: Host tools the installer uses to grow the root partition and filesystem to the whole disk.
 INSTALLER_BINARIES = (("sfdisk", "fdisk"), ("e2fsck", "e2fsprogs"), ("resize2fs", "e2fsprogs"))
@@ -165,12 +173,17 @@ echo "APPLIANCE ROOT ${2}K"
 if [ -e /var/lib/appliance/repo/config.json ]; then
     echo "APPLIANCE RUN points"
     appliance --repo /var/lib/appliance/repo points 2>&1
+    rc=$?
 else
     echo "APPLIANCE RUN init"
     mkdir -p /var/lib/appliance
     appliance --repo /var/lib/appliance/repo init 2>&1
+    rc=$?
+    # first boot: prove the installed stack works (store, nbdkit + plugin, FUSE)
+    echo "APPLIANCE RUN selftest"
+    appliance selftest 2>&1 || rc=$?
 fi
-echo "APPLIANCE RESULT rc=$?"
+echo "APPLIANCE RESULT rc=$rc"
 sync
 if [ "$halt" = 1 ]; then
     mount -o remount,ro / 2>/dev/null
@@ -391,6 +404,29 @@ def _add_libraries(root: Path, binaries: Iterable[Path]) -> int:
     return len(libs)
 
 
+def _add_tools(root: Path) -> list[Path]:
+    """Copy :data:`APPLIANCE_TOOLS` and nbdkit's Python plugin to their host paths in ``root``.
+
+    Returns the copies (ELF files whose libraries the caller adds).
+    """
+    nbdkit = require_tool("nbdkit", "nbdkit")
+    config = subprocess.run([nbdkit, "--dump-config"], capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
+    plugindir = next((line.split("=", 1)[1] for line in config.splitlines()
+                      if line.startswith("plugindir=")), "")  # fmt: skip
+    plugin = Path(plugindir) / NBDKIT_PYTHON_PLUGIN
+    if not plugin.is_file():
+        raise KernelBuildError(f"{plugin} missing (apt-get install nbdkit-plugin-python)")
+    sources = [Path(require_tool(name, pkg)).resolve() for name, pkg in APPLIANCE_TOOLS]
+    copied = []
+    for src in [*sources, plugin]:
+        dst = root / str(src).lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+        copied.append(dst)
+    return copied
+
+
 def _is_elf(path: Path) -> bool:
     try:
         with path.open("rb") as f:
@@ -429,7 +465,7 @@ def populate_root(root: Path, *, project_root: Path) -> None:
     # byte-compile (the project's sources come without __pycache__; stale .pyc are redone): the
     # guest cannot afford compiling on every start under emulation
     _run([str(PYTHON), "-m", "compileall", "-q", "-j", "0", str(root / DIST_PACKAGES)])
-    elves = [root / "usr/bin/python3.11"]
+    elves = [root / "usr/bin/python3.11", *_add_tools(root)]
     for sub in ("usr/lib/python3.11", DIST_PACKAGES):
         elves += [p for p in _walk_files(root / sub)
                   if ".so" in p.name and not p.is_symlink() and _is_elf(p)]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -203,6 +204,10 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
     log.info("installed appliance, first boot: result after %.1fs", first.elapsed_s)
     assert READY_MARKER in first.log
     assert "initialised repository /var/lib/appliance/repo" in first.log
+    # the installed system's own stack: store, nbdkit + our plugin + nbdcopy, FUSE mount
+    for part in ("store", "nbd", "fuse"):
+        assert re.search(rf"^{part} +OK ", first.log, re.MULTILINE), part
+    assert "selftest OK" in first.log
     assert "APPLIANCE RESULT rc=0" in first.log
     root_k = int(first.log.split("APPLIANCE ROOT ")[1].split("K")[0])
     assert root_k * 1024 > image.stat().st_size - boot_bytes  # grown beyond the image
