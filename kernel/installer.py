@@ -18,8 +18,9 @@ appliance itself, made only from what is installed on the build machine (no debo
 
 The root also carries the host tools the appliance runs (:data:`APPLIANCE_TOOLS`: nbdkit with
 its Python plugin, nbdcopy/nbdinfo, fusermount3) with their libraries, and the boot initramfs
-loads ``fuse``. The installed system's ``/sbin/init`` prints ``APPLIANCE INSTALLED SYSTEM READY``
-and ``APPLIANCE ROOT <size>K`` (the root filesystem's size); on first boot it runs ``appliance
+loads ``fuse`` and the NIC drivers. The installed system's ``/sbin/init`` prints ``APPLIANCE
+INSTALLED SYSTEM READY``, runs DHCP (``APPLIANCE NET <if> <addr>``) and prints ``APPLIANCE ROOT
+<size>K`` (the root filesystem's size); on first boot it runs ``appliance
 --repo /var/lib/appliance/repo init`` and ``appliance selftest`` (store, NBD export, FUSE mount
 on a throw-away repository), later boots ``appliance ... points``; it
 prints ``APPLIANCE RESULT rc=N`` and powers off (``appliance.halt=0`` on the kernel command line
@@ -72,6 +73,7 @@ from kernel.initramfs import (
     write_cached,
 )
 from kernel.iso import IsoEntry
+from kernel.rescue import UDHCPC_SCRIPT
 from kernel.testdisk import DISK_MODULES, MBR_BIN, PARTITION_START_LBA, SECTOR
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,8 @@ BOOT_PART_MIB = 32
 #: ext4 root: content size x this + slack (journal, inodes, the repository's first data).
 ROOT_SLACK_FACTOR = 1.4
 ROOT_SLACK_MIB = 64
-APPLIANCE_MODULES = (*DISK_MODULES, "ahci", "crc32c_generic", "ext4", "fuse")
+APPLIANCE_MODULES = (*DISK_MODULES, "ahci", "crc32c_generic", "ext4", "fuse",
+                     "virtio_net", "e1000", "e1000e")  # fmt: skip
 #: Host tools the installed appliance runs (with their libraries): the NBD server and clients,
 #: and FUSE's unmount helper. nbdkit's Python plugin comes along from its plugin directory.
 APPLIANCE_TOOLS = (("nbdkit", "nbdkit"), ("nbdcopy", "libnbd-bin"), ("nbdinfo", "libnbd-bin"),
@@ -168,6 +171,21 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 echo "APPLIANCE INSTALLED SYSTEM READY"
+ip link set lo up
+net_up() {  # DHCP on the first interface that gets a lease
+    for n in /sys/class/net/*; do
+        n=${n##*/}
+        [ "$n" = lo ] && continue
+        ip link set "$n" up 2>/dev/null
+        if udhcpc -i "$n" -n -q -t 3 -T 1 -s /usr/share/udhcpc/default.script >/dev/null 2>&1
+        then
+            echo "APPLIANCE NET $n $(ip -4 -o addr show dev "$n" | awk '{print $4}')"
+            return 0
+        fi
+    done
+    echo "APPLIANCE NET none (no DHCP lease)"
+}
+net_up
 set -- $(df -k / | tail -n 1)
 echo "APPLIANCE ROOT ${2}K"
 if [ -e /var/lib/appliance/repo/config.json ]; then
@@ -482,6 +500,11 @@ def populate_root(root: Path, *, project_root: Path) -> None:
     (root / "etc/hosts").write_text("127.0.0.1 localhost appliance\n")
     (root / "etc/fstab").write_text("/dev/sda2 / ext4 rw 0 1\n")
     (root / "etc/profile").write_text("export PS1='appliance# '\n")
+    (root / "etc/resolv.conf").write_text("")
+    script = root / "usr/share/udhcpc/default.script"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
 
 
 def build_boot_initramfs() -> BootFiles:
@@ -546,7 +569,7 @@ def build_installer_initramfs() -> BootFiles:
 
 def _image_key(project_root: Path, size_mib: int | None, boot: BootFiles) -> str:
     h = hashlib.sha256()
-    for part in (IMAGE_FORMAT_VERSION, str(size_mib), ROOT_INIT, APPLIANCE_SCRIPT,
+    for part in (IMAGE_FORMAT_VERSION, str(size_mib), ROOT_INIT, APPLIANCE_SCRIPT, UDHCPC_SCRIPT,
                  APPLIANCE_CMDLINE, str(BOOT_PART_MIB), file_fingerprint(boot.kernel),
                  file_fingerprint(boot.initrd), file_fingerprint(PYTHON),
                  file_fingerprint(Path("/bin/busybox")), file_fingerprint(MBR_BIN)):  # fmt: skip

@@ -204,6 +204,7 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
     log.info("installed appliance, first boot: result after %.1fs", first.elapsed_s)
     assert READY_MARKER in first.log
     assert "initialised repository /var/lib/appliance/repo" in first.log
+    assert "APPLIANCE NET eth0 10.0.2.15/24" in first.log  # QEMU's default NIC, user network
     # the installed system's own stack: store, nbdkit + our plugin + nbdcopy, FUSE mount
     for part in ("store", "nbd", "fuse"):
         assert re.search(rf"^{part} +OK ", first.log, re.MULTILINE), part
