@@ -23,8 +23,9 @@ INSTALLED SYSTEM READY``, runs DHCP (``APPLIANCE NET <if> <addr>``) and prints `
 <size>K`` (the root filesystem's size); on first boot it runs ``appliance
 --repo /var/lib/appliance/repo init`` and ``appliance selftest`` (store, NBD export, FUSE mount
 on a throw-away repository), later boots ``appliance ... points``; it
-prints ``APPLIANCE RESULT rc=N`` and powers off (``appliance.halt=0`` on the kernel command line
-leaves a shell instead).
+prints ``APPLIANCE RESULT rc=N``, then starts the services named by ``appliance.services``
+(default ``nbd``: ``appliance nbd serve --listen 0.0.0.0:10809``, log in /var/log; ``none``) and
+keeps a shell on the console. ``appliance.halt=1`` powers off after the result instead.
 
 **The installer initramfs** (:func:`build_installer_initramfs`): busybox + disk/CD-ROM/iso9660
 modules; its ``/init`` (:data:`INSTALLER_INIT`) finds the install medium (``/dev/sr*``, then any
@@ -164,10 +165,12 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname appliance
-halt=1
+halt=0
+services=nbd
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         appliance.halt=*) halt="${arg#appliance.halt=}" ;;
+        appliance.services=*) services="${arg#appliance.services=}" ;;
     esac
 done
 echo "APPLIANCE INSTALLED SYSTEM READY"
@@ -207,6 +210,18 @@ if [ "$halt" = 1 ]; then
     mount -o remount,ro / 2>/dev/null
     poweroff -f
 fi
+mkdir -p /var/log
+for svc in $(echo "$services" | tr , ' '); do
+    case "$svc" in
+        nbd)
+            setsid appliance --repo /var/lib/appliance/repo nbd serve --listen 0.0.0.0:10809 \
+                > /var/log/appliance-nbd.log 2>&1 &
+            echo "APPLIANCE SERVICE nbd 0.0.0.0:10809 pid $!"
+            ;;
+        none) ;;
+        *) echo "APPLIANCE SERVICE $svc unknown (known: nbd, none)" ;;
+    esac
+done
 while :; do setsid cttyhack sh -l; sleep 1; done
 """
 

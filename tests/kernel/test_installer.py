@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from vmutil import qemu_vm, run_qemu
+from vmutil import free_tcp_port, qemu_vm, run_qemu
 
 from kernel.__main__ import main as kernel_main
 from kernel.initramfs import KernelBuildError
 from kernel.installer import (
+    APPLIANCE_CMDLINE,
     BOOT_PART_MIB,
     ISO_IMAGE_PATH,
     PROJECT_PACKAGES,
@@ -193,6 +194,7 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
     end = int(str(parts[1]["start"])) + int(str(parts[1]["size"]))
     assert end == disk.stat().st_size // SECTOR
 
+    set_boot_args(disk, "appliance.halt=1")  # the first two boots report and power off
     first = run_qemu(
         ["-drive", f"file={disk},format=raw,if=ide", "-boot", "c"],
         serial_log=tmp_path / "boot1.log",
@@ -225,6 +227,44 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
     assert "APPLIANCE RUN points" in second.log
     assert "no points" in second.log
     assert "APPLIANCE RESULT rc=0" in second.log
+
+    # As installed (no appliance.halt): the appliance stays up and serves NBD on its network.
+    set_boot_args(disk, "")
+    port = free_tcp_port()
+    with qemu_vm(["-drive", f"file={disk},format=raw,if=ide", "-boot", "c",
+                  "-nic", f"user,model=e1000,hostfwd=tcp:127.0.0.1:{port}-:10809"],
+                 serial_log=tmp_path / "boot3.log", fail_on=FAIL_ON) as vm:  # fmt: skip
+        vm.wait_for("APPLIANCE SERVICE nbd 0.0.0.0:10809", timeout_s=BOOT_TIMEOUT_S)
+        listing = wait_nbd_list(f"nbd://127.0.0.1:{port}", timeout_s=60)
+        assert listing["exports"] == []  # a fresh repository: nothing to export yet
+        assert vm.proc is not None and vm.proc.poll() is None  # still running, not halted
+
+
+def set_boot_args(disk: Path, extra: str) -> None:
+    """Rewrite the installed disk's syslinux.cfg: the appliance command line plus `extra`."""
+    fat = f"{disk}@@{PARTITION_START_LBA * SECTOR}"
+    cfg = subprocess.run(["mtype", "-i", fat, "::/syslinux.cfg"], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    lines = [f"  APPEND {APPLIANCE_CMDLINE} {extra}".rstrip() if ln.strip().startswith("APPEND")
+             else ln for ln in cfg.splitlines()]  # fmt: skip
+    new = disk.with_name("syslinux.cfg")
+    new.write_text("\n".join(lines) + "\n")
+    subprocess.run(["mcopy", "-o", "-i", fat, str(new), "::/syslinux.cfg"], check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def wait_nbd_list(uri: str, *, timeout_s: float) -> dict[str, object]:
+    """`nbdinfo --list --json URI` once the server answers (nbdkit starts slowly under TCG)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc = subprocess.run(["nbdinfo", "--list", "--json", uri], capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+        if proc.returncode == 0:
+            out: dict[str, object] = json.loads(proc.stdout)
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no NBD server at {uri}: {proc.stderr.strip()}")
+        time.sleep(1)
 
 
 @pytest.mark.vm
