@@ -27,7 +27,11 @@ disk, then ``RESTORE OK <total bytes>`` or ``RESTORE FAILED <reason>``.
 from __future__ import annotations
 
 import logging
+import re
 import shlex
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 from kernel.initramfs import (
@@ -194,6 +198,31 @@ def restore_cmdline(
     )
 
 
+#: ICU's data library (~30 MiB) comes in through libnbd -> libxml2 -> libicuuc, but libnbd only
+#: uses libxml2's URI parser, which never touches ICU. An initramfs lives in RAM: with the real
+#: one the rescue system does not even unpack in QEMU's default 128 MiB.
+_ICU_DATA_RE = re.compile(r"^libicudata\.so\.(\d+)$")
+ICU_STUB_C = """/* DR Appliance rescue system: an empty ICU data library (kernel/rescue.py). */
+const unsigned char icudt{major}_dat[32] __attribute__((aligned(16))) = {{0}};
+"""
+
+
+def icu_data_stub(lib: Path, work: Path) -> Path | None:
+    """An empty stand-in for ``lib`` if it is ICU's data library and a C compiler is here."""
+    m = _ICU_DATA_RE.match(lib.name)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if m is None or cc is None:
+        return None
+    src, out = work / "icudata_stub.c", work / lib.name
+    src.write_text(ICU_STUB_C.format(major=m.group(1)))
+    cmd = [cc, "-shared", "-fPIC", "-O2", f"-Wl,-soname,{lib.name}", "-o", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        log.info("no ICU data stub (%s): shipping the real %s", proc.stderr.strip(), lib.name)
+        return None
+    return out
+
+
 def build_rescue_initramfs(*, compress: bool = True) -> BootFiles:
     """Debian's kernel and the (cached) rescue initramfs."""
     kernel, version = find_kernel()
@@ -207,6 +236,7 @@ def build_rescue_initramfs(*, compress: bool = True) -> BootFiles:
     key = [
         INIT_SCRIPT,
         UDHCPC_SCRIPT,
+        ICU_STUB_C,
         version,
         *(file_fingerprint(p) for p in inputs),
         *(file_fingerprint(tree.root / rel) for rel in order),
@@ -219,8 +249,9 @@ def build_rescue_initramfs(*, compress: bool = True) -> BootFiles:
         add_modules(cpio, tree, RESCUE_MODULES)
         for b in binaries:
             cpio.copy(f"usr/bin/{b.name}", b, 0o755)
-        for lib in libs:
-            cpio.copy(str(lib), lib, 0o755)
+        with tempfile.TemporaryDirectory(prefix="rescue-") as td:
+            for lib in libs:
+                cpio.copy(str(lib), icu_data_stub(lib, Path(td)) or lib, 0o755)
         cpio.file("usr/share/udhcpc/default.script", UDHCPC_SCRIPT.encode(), 0o755)
         cpio.file("etc/hosts", b"127.0.0.1 localhost\n")
         cpio.file("etc/resolv.conf", b"")

@@ -10,7 +10,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils
   qemu-system-x86 qemu-block-extra ipxe ipxe-qemu tgt dnsmasq
   linux-image-amd64 busybox-static syslinux syslinux-common extlinux isolinux
-  mtools dosfstools xorriso e2fsprogs xfsprogs ntfs-3g fdisk gdisk grub-efi-amd64-bin grub-common open-iscsi
+  mtools dosfstools xorriso e2fsprogs xfsprogs ntfs-3g fdisk gdisk grub-efi-amd64-bin grub-common open-iscsi gcc libc6-dev
   libvirt-daemon-system borgbackup restic python3-pyfuse3 ovmf time cpio iproute2 kmod
 )
 

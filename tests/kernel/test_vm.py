@@ -91,6 +91,7 @@ def test_rescue_iso_boots_from_cdrom(tmp_path: Path, rescue_files: tuple[Path, P
         wait_for="starting a shell",
         fail_on=FAIL_ON,
         timeout_s=BOOT_TIMEOUT_S,
+        memory_mib=128,  # QEMU's default: `qemu-system-x86_64 -cdrom rescue.iso` must work
     )
     log.info("rescue ISO: shell after %.1fs", result.elapsed_s)
     assert "RESCUE READY" in result.log
@@ -121,7 +122,7 @@ def test_rescue_iso_boots_uefi(tmp_path: Path, rescue_files: tuple[Path, Path],
         wait_for="starting a shell",
         fail_on=(*FAIL_ON, "error: "),  # a GRUB error stops at its menu: fail at once
         timeout_s=BOOT_TIMEOUT_S,
-        memory_mib=512,  # GRUB's EFI loader runs out of memory for kernel + initrd in 256 MiB
+        memory_mib=512,  # Debian's GRUB 2.06 EFI loader says "out of memory" at 256 MiB
     )  # fmt: skip
     log.info("rescue ISO (UEFI, %s): shell after %.1fs", medium, result.elapsed_s)
     assert GRUB_BANNER in result.log  # UEFI path: GRUB, not isolinux
