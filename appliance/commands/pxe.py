@@ -8,10 +8,10 @@ the NBD export / overlay / iSCSI target it needs exists before its script is ans
 An iSCSI session `S` = overlay `S` on a point + one `appliance nbd serve` (nbdkit on a unix
 socket, overlays only) + one nbdfuse per disk turning `overlay/S/diskN` into a file + a tgt
 target whose LUN 1 is disk0 (the one machines SAN-boot from), LUN 2 disk1, and so on.
-Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta. Every target requires
-CHAP with a per-session user and random secret (kept in the root-only session.json, printed by
-`iscsi export`, and put into the iPXE script of the machine assigned to SAN-boot it, whose iBFT
-hands them on to the OS's initiator).
+Writes: initiator -> tgtd -> nbdfuse -> nbdkit -> the overlay's delta. SAN-boot sessions (and
+`iscsi export --chap`) require CHAP with a per-session user and random secret (kept in the
+root-only session.json, printed by `iscsi export`, and put into the iPXE script of the machine
+assigned to SAN-boot it, whose iBFT hands them on to the OS's initiator).
 Sessions outlive the command that made them (helpers run detached); their PIDs are recorded in
 `<repo>/pxe/iscsi/<S>/session.json` and `unexport` stops them by PID. One tgtd serves every
 session of a repository (`<repo>/pxe/iscsi/tgtd.json`); it stops with the last session.
@@ -204,9 +204,10 @@ class IscsiSessions:
             out.append(s)
         return out
 
-    def export(self, point_ref: str, name: str) -> dict[str, Any]:
+    def export(self, point_ref: str, name: str, *, chap: bool = False) -> dict[str, Any]:
         """Make session `name` (overlay `name` on `point_ref`) available as an iSCSI target.
 
+        `chap`: only an initiator presenting the session's generated CHAP credentials logs in.
         Idempotent: a live session is returned as is; an existing overlay of that name is
         reused (its writes survive an appliance restart). Raises UserError/StoreError.
         """
@@ -219,7 +220,7 @@ class IscsiSessions:
                     return s
                 log.info("session %s is stale: tearing it down and starting it again", name)
                 self._teardown(s)
-            return self._create(point_ref, name)
+            return self._create(point_ref, name, chap=chap)
 
     @staticmethod
     def _helpers_alive(s: dict[str, Any]) -> bool:
@@ -234,7 +235,7 @@ class IscsiSessions:
         iqns = {t.iqn for t in Tgt(int(st["control_port"])).targets().values()}
         return s["iqn"] in iqns and self._helpers_alive(s)
 
-    def _create(self, point_ref: str, name: str) -> dict[str, Any]:
+    def _create(self, point_ref: str, name: str, *, chap: bool) -> dict[str, Any]:
         sdir = self.dir / name
         sdir.mkdir(parents=True, exist_ok=True)
         with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
@@ -260,8 +261,9 @@ class IscsiSessions:
             "nbd_server": {"pid": 0, "start_ticks": 0},
             "disks": [],
         }
-        chap = Chap.generate(f"dr-{name}")
-        s["chap_user"], s["chap_secret"] = chap.user, chap.secret
+        creds = Chap.generate(f"dr-{name}") if chap else None
+        s["chap_user"] = creds.user if creds else None
+        s["chap_secret"] = creds.secret if creds else None
         try:
             ref, sock = self._start_nbd_keeper(sdir, name)
             s["nbd_server"] = ref.as_dict()
@@ -277,7 +279,7 @@ class IscsiSessions:
                 _write_json(sdir / "session.json", s)
             tgt, portal = self._ensure_tgtd()
             s["tid"] = tgt.add_target(s["iqn"], [Path(d["backing"]) for d in s["disks"]],
-                                      chap=chap)  # fmt: skip
+                                      chap=creds)  # fmt: skip
             s["portal"] = portal
             _write_json(sdir / "session.json", s)
         except (UserError, IscsiError, OSError) as exc:
@@ -421,10 +423,10 @@ class BootPlanner:
                 "restore.zero=0 restore.reboot=1"
             )
             return rescue_script(f"http://{host}:{self.http_port}", cmdline)
-        s = self.sessions.export(a.point, pxe_session_name(mac))
+        s = self.sessions.export(a.point, pxe_session_name(mac), chap=True)
         _, port = parse_listen(s["portal"])
-        return sanboot_script(iscsi_root_path(host, port, s["iqn"]),
-                              chap=(s["chap_user"], s["chap_secret"]))  # fmt: skip
+        creds = (s["chap_user"], s["chap_secret"]) if s.get("chap_user") else None
+        return sanboot_script(iscsi_root_path(host, port, s["iqn"]), chap=creds)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -520,6 +522,8 @@ def register(sub: Any) -> None:
         metavar="HOST:PORT",
         help=f"iSCSI portal if tgtd is not running yet (default {DEFAULT_PORTAL})",
     )
+    e.add_argument("--chap", action="store_true",
+                   help="require CHAP with a generated user and secret")  # fmt: skip
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_iscsi_export)
     x = isub.add_parser("unexport", help="stop an iSCSI session")
@@ -605,17 +609,20 @@ def cmd_unassign(args: argparse.Namespace) -> int:
 def cmd_iscsi_export(args: argparse.Namespace) -> int:
     root = repo_path(args)
     name = args.name or args.point.replace("@", "-")
-    s = IscsiSessions(root, passphrase=_pw(root, args), portal=args.portal).export(args.point, name)
+    sessions = IscsiSessions(root, passphrase=_pw(root, args), portal=args.portal)
+    s = sessions.export(args.point, name, chap=args.chap)
     if args.json:
         emit_json(s)
+        return 0
+    luns = ", ".join(f"LUN {d['lun']} = {d['disk']}" for d in s["disks"])
+    print(f"{s['name']}: {s['point']} as {s['iqn']} ({luns}) on {s['portal']}")
+    sanboot = f"sanboot iscsi:HOST::{parse_listen(s['portal'])[1]}:1:{s['iqn']}"
+    if s.get("chap_user"):
+        print(f"  CHAP user {s['chap_user']} secret {s['chap_secret']}")
+        print(f"  iPXE: set username {s['chap_user']}; set password {s['chap_secret']}; {sanboot}")
     else:
-        luns = ", ".join(f"LUN {d['lun']} = {d['disk']}" for d in s["disks"])
-        print(
-            f"{s['name']}: {s['point']} as {s['iqn']} ({luns}) on {s['portal']}\n"
-            f"  CHAP user {s['chap_user']} secret {s['chap_secret']}\n"
-            f"  iPXE: set username {s['chap_user']}; set password {s['chap_secret']}; "
-            f"sanboot iscsi:HOST::{parse_listen(s['portal'])[1]}:1:{s['iqn']}"
-        )
+        print("  open to every initiator that can reach the portal (--chap requires credentials)")
+        print(f"  iPXE: {sanboot}")
     return 0
 
 
