@@ -203,6 +203,14 @@ def shared_libraries(binary: Path) -> list[Path]:
     return libs
 
 
+def library_closure(binaries: Iterable[Path]) -> list[Path]:
+    """Every library (and the loader) the ``binaries`` load, each once, in first-seen order."""
+    libs: dict[Path, None] = {}
+    for b in binaries:
+        libs.update(dict.fromkeys(shared_libraries(b)))
+    return list(libs)
+
+
 # --------------------------------------------------------------------------------------------
 # cpio (newc)
 
@@ -289,6 +297,23 @@ def add_base_layout(cpio: CpioWriter) -> None:
     cpio.chardev("dev/null", 1, 3, 0o666)
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\n")
+
+
+def add_binaries(
+    cpio: CpioWriter,
+    binaries: Iterable[Path],
+    bin_dir: str,
+    libs: Iterable[Path],
+    substitute: Callable[[Path], Path | None] | None = None,
+) -> None:
+    """Copy ``binaries`` into ``bin_dir`` and ``libs`` to the paths the loader names them by.
+
+    ``substitute(lib)`` may name a file to ship instead of ``lib`` (or None to keep it).
+    """
+    for b in binaries:
+        cpio.copy(f"{bin_dir}/{b.name}", b, 0o755)
+    for lib in libs:
+        cpio.copy(str(lib), (substitute(lib) if substitute else None) or lib, 0o755)
 
 
 def add_modules(cpio: CpioWriter, tree: ModuleTree, names: Iterable[str]) -> list[str]:

@@ -40,13 +40,14 @@ from kernel.initramfs import (
     KernelBuildError,
     ModuleTree,
     add_base_layout,
+    add_binaries,
     add_busybox,
     add_modules,
     copy_into,
     file_fingerprint,
     find_kernel,
+    library_closure,
     require_tool,
-    shared_libraries,
     write_cached,
 )
 from kernel.testdisk import DISK_MODULES
@@ -229,9 +230,7 @@ def build_rescue_initramfs(*, compress: bool = True) -> BootFiles:
     tree = ModuleTree.load(version)
     order = tree.load_order(RESCUE_MODULES)
     binaries = [Path(require_tool(b, "libnbd-bin")) for b in RESCUE_BINARIES]
-    libs: dict[Path, None] = {}
-    for b in binaries:
-        libs.update(dict.fromkeys(shared_libraries(b)))
+    libs = library_closure(binaries)
     inputs = [Path("/bin/busybox"), *binaries, *libs]
     key = [
         INIT_SCRIPT,
@@ -247,11 +246,9 @@ def build_rescue_initramfs(*, compress: bool = True) -> BootFiles:
         add_base_layout(cpio)
         add_busybox(cpio)
         add_modules(cpio, tree, RESCUE_MODULES)
-        for b in binaries:
-            cpio.copy(f"usr/bin/{b.name}", b, 0o755)
         with tempfile.TemporaryDirectory(prefix="rescue-") as td:
-            for lib in libs:
-                cpio.copy(str(lib), icu_data_stub(lib, Path(td)) or lib, 0o755)
+            add_binaries(cpio, binaries, "usr/bin", libs,
+                         substitute=lambda lib: icu_data_stub(lib, Path(td)))  # fmt: skip
         cpio.file("usr/share/udhcpc/default.script", UDHCPC_SCRIPT.encode(), 0o755)
         cpio.file("etc/hosts", b"127.0.0.1 localhost\n")
         cpio.file("etc/resolv.conf", b"")

@@ -39,12 +39,13 @@ from kernel.initramfs import (
     KernelBuildError,
     ModuleTree,
     add_base_layout,
+    add_binaries,
     add_busybox,
     add_modules,
     file_fingerprint,
     find_kernel,
+    library_closure,
     require_tool,
-    shared_libraries,
     write_cached,
 )
 
@@ -187,9 +188,7 @@ def build_initramfs(
     modules = (*DISK_MODULES, *ISCSI_MODULES) if iscsi else DISK_MODULES
     order = tree.load_order(modules)
     binaries = [Path(require_tool("iscsistart", "open-iscsi")).resolve()] if iscsi else []
-    libs: dict[Path, None] = {}
-    for b in binaries:
-        libs.update(dict.fromkeys(shared_libraries(b)))
+    libs = library_closure(binaries)
     key = [
         init_script,
         SAN_ATTACH if iscsi else "",
@@ -204,10 +203,7 @@ def build_initramfs(
         add_base_layout(cpio)
         add_busybox(cpio)
         add_modules(cpio, tree, modules)
-        for b in binaries:
-            cpio.copy(f"sbin/{b.name}", b, 0o755)
-        for lib in libs:
-            cpio.copy(str(lib), lib, 0o755)
+        add_binaries(cpio, binaries, "sbin", libs)
         if iscsi:
             cpio.file("sbin/san-attach", SAN_ATTACH.encode(), 0o755)
         cpio.file("init", init_script.encode(), 0o755)
