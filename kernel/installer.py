@@ -6,8 +6,9 @@ This module owns two build products:
 appliance itself, made only from what is installed on the build machine (no debootstrap):
 
 * LBA 0: syslinux ``mbr.bin`` + a DOS partition table,
-* partition 1 (FAT16, type 0x06, bootable, :data:`BOOT_PART_MIB` MiB): syslinux, Debian's kernel
-  and a small busybox initramfs whose ``/init`` loads the disk + ext4 modules, mounts partition 2
+* partition 1 (FAT16, type 0x06, bootable, :data:`BOOT_PART_MIB` MiB): syslinux (BIOS) and
+  GRUB as ``/EFI/BOOT/BOOTX64.EFI`` with ``/grub.cfg`` (UEFI), Debian's kernel and a small
+  busybox initramfs whose ``/init`` loads the disk + ext4 modules, mounts partition 2
   read-write and ``switch_root``\\ s into it,
 * partition 2 (ext4, type 0x83, the rest of the disk), built with ``mkfs.ext4 -d DIR`` (no loop
   device, no mount): busybox, Debian's ``/usr/bin/python3.11`` with its stdlib (minus tests, IDLE,
@@ -52,6 +53,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -73,14 +75,14 @@ from kernel.initramfs import (
     shared_libraries,
     write_cached,
 )
-from kernel.iso import IsoEntry
+from kernel.iso import IsoEntry, build_grub_efi
 from kernel.rescue import UDHCPC_SCRIPT
 from kernel.testdisk import DISK_MODULES, MBR_BIN, PARTITION_START_LBA, SECTOR
 
 log = logging.getLogger(__name__)
 
 #: Bump when the image layout changes so that stale cache entries are not reused.
-IMAGE_FORMAT_VERSION = "2"
+IMAGE_FORMAT_VERSION = "3"
 
 PYTHON = Path("/usr/bin/python3.11")
 PYTHON_STDLIB = Path("/usr/lib/python3.11")
@@ -116,6 +118,8 @@ APPLIANCE_MODULES = (*DISK_MODULES, "ahci", "crc32c_generic", "ext4", "fuse",
 APPLIANCE_TOOLS = (("nbdkit", "nbdkit"), ("nbdcopy", "libnbd-bin"), ("nbdinfo", "libnbd-bin"),
                    ("fusermount3", "fuse3"))  # fmt: skip
 NBDKIT_PYTHON_PLUGIN = "nbdkit-python-plugin.so"
+#: The boot partition's tag file (``/<prefix><random>.id``) that its GRUB searches for.
+UEFI_TAG_PREFIX = "dr-appliance-boot-"
 INSTALLER_MODULES = (*DISK_MODULES, "ahci", "cdrom", "sr_mod", "isofs")
 #: Host tools the installer uses to grow the root partition and filesystem to the whole disk.
 INSTALLER_BINARIES = (("sfdisk", "fdisk"), ("e2fsck", "e2fsprogs"), ("resize2fs", "e2fsprogs"))
@@ -585,6 +589,7 @@ def build_installer_initramfs() -> BootFiles:
 def _image_key(project_root: Path, size_mib: int | None, boot: BootFiles) -> str:
     h = hashlib.sha256()
     for part in (IMAGE_FORMAT_VERSION, str(size_mib), ROOT_INIT, APPLIANCE_SCRIPT, UDHCPC_SCRIPT,
+                 appliance_grub_cfg(),
                  APPLIANCE_CMDLINE, str(BOOT_PART_MIB), file_fingerprint(boot.kernel),
                  file_fingerprint(boot.initrd), file_fingerprint(PYTHON),
                  file_fingerprint(Path("/bin/busybox")), file_fingerprint(MBR_BIN)):  # fmt: skip
@@ -639,6 +644,7 @@ def _write_image(out: Path, root: Path, boot: BootFiles, size_mib: int | None) -
     for src, name in ((boot.kernel, "vmlinuz"), (boot.initrd, "initrd.gz"), (cfg, "syslinux.cfg")):
         _run([mcopy, "-i", str(fat), "-o", str(src), f"::/{name}"])
     _run([syslinux, "--install", str(fat)])
+    _add_uefi_boot(fat, tmp)
     ext4 = tmp / "root.img"
     _run([mkfs_ext4, "-q", "-F", "-L", "appliance", "-E", "root_owner=0:0",
           "-d", str(root), str(ext4), f"{root_mib}M"])  # fmt: skip
@@ -663,6 +669,34 @@ def _write_image(out: Path, root: Path, boot: BootFiles, size_mib: int | None) -
                         f.write(chunk)
         f.seek(0)
         f.write(MBR_BIN.read_bytes()[:440])
+
+
+def appliance_grub_cfg(cmdline: str = APPLIANCE_CMDLINE) -> str:
+    """GRUB's twin of the boot partition's syslinux.cfg (UEFI firmware boots through it)."""
+    return (
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\nterminal_output serial console\n"
+        "set timeout=0\n"
+        "menuentry 'DR Appliance' {\n"
+        f"  linux /vmlinuz {cmdline}\n"
+        "  initrd /initrd.gz\n"
+        "}\n"
+    )
+
+
+def _add_uefi_boot(fat: Path, work: Path) -> None:
+    """Make the FAT boot partition UEFI-bootable too: GRUB as /EFI/BOOT/BOOTX64.EFI (the
+    removable-media path firmware tries), finding this partition by a per-image tag file and
+    reading /grub.cfg (:func:`appliance_grub_cfg`)."""
+    mmd, mcopy = require_tool("mmd", "mtools"), require_tool("mcopy", "mtools")
+    tag = f"/{UEFI_TAG_PREFIX}{secrets.token_hex(8)}.id"
+    efi, cfg, tag_file = work / "BOOTX64.EFI", work / "grub.cfg", work / "tag.id"
+    build_grub_efi(efi, tag, "/grub.cfg", work)
+    cfg.write_text(appliance_grub_cfg())
+    tag_file.write_text("DR Appliance boot partition\n")
+    _run([mmd, "-i", str(fat), "::/EFI", "::/EFI/BOOT"])
+    for src, name in ((efi, "EFI/BOOT/BOOTX64.EFI"), (cfg, "grub.cfg"), (tag_file, tag[1:])):
+        _run([mcopy, "-i", str(fat), "-o", str(src), f"::/{name}"])
 
 
 def cached_appliance_image(*, project_root: Path | None = None,

@@ -161,22 +161,28 @@ def grub_cfg(
     return "\n".join(out) + "\n"
 
 
-def build_efi_image(dest: Path, tag_file: str, work: Path) -> None:
-    """Write the FAT ESP image holding GRUB's EFI/BOOT/BOOTX64.EFI that finds ``tag_file``."""
+def build_grub_efi(out: Path, tag_file: str, cfg_path: str, work: Path) -> None:
+    """Write GRUB as a standalone ``BOOTX64.EFI`` to ``out``: it finds the filesystem holding
+    ``tag_file`` and runs ``cfg_path`` from it (both absolute paths in that filesystem)."""
     mkimage = require_tool("grub-mkimage", "grub-common")
     if not (GRUB_EFI_DIR / "linux.mod").is_file():
         raise KernelBuildError(f"{GRUB_EFI_DIR} missing (apt-get install grub-efi-amd64-bin)")
-    mkfs = require_tool("mkfs.vfat", "dosfstools")
-    mmd, mcopy = require_tool("mmd", "mtools"), require_tool("mcopy", "mtools")
     early = work / "early.cfg"
     early.write_text(
         f"search --no-floppy --set=root --file {tag_file}\n"
-        "set prefix=($root)/boot/grub\n"
-        f"configfile ($root)/{GRUB_CFG}\n"
+        f"set prefix=($root){Path(cfg_path).parent!s}\n"
+        f"configfile ($root){cfg_path}\n"
     )
+    _run([mkimage, "-O", "x86_64-efi", "-d", str(GRUB_EFI_DIR), "-o", str(out),
+          "-p", str(Path(cfg_path).parent), "-c", str(early), *GRUB_MODULES])  # fmt: skip
+
+
+def build_efi_image(dest: Path, tag_file: str, work: Path) -> None:
+    """Write the FAT ESP image holding GRUB's EFI/BOOT/BOOTX64.EFI that finds ``tag_file``."""
+    mkfs = require_tool("mkfs.vfat", "dosfstools")
+    mmd, mcopy = require_tool("mmd", "mtools"), require_tool("mcopy", "mtools")
     efi = work / "BOOTX64.EFI"
-    _run([mkimage, "-O", "x86_64-efi", "-d", str(GRUB_EFI_DIR), "-o", str(efi),
-          "-p", "/boot/grub", "-c", str(early), *GRUB_MODULES])  # fmt: skip
+    build_grub_efi(efi, tag_file, "/" + GRUB_CFG, work)
     kib = (efi.stat().st_size // 1024 + 1024) // 1024 * 1024 + 1024  # >= 1 MiB of slack
     dest.unlink(missing_ok=True)
     _run([mkfs, "-C", "-n", "EFIBOOT", str(dest), str(kib)])

@@ -30,6 +30,7 @@ from kernel.installer import (
     SITE_EXCLUDE,
     STDLIB_EXCLUDE,
     _excluded,
+    appliance_grub_cfg,
     build_appliance_image,
     cached_appliance_image,
     installer_iso_extras,
@@ -241,16 +242,49 @@ def test_install_from_iso_then_boot_installed_appliance(tmp_path: Path) -> None:
 
 
 def set_boot_args(disk: Path, extra: str) -> None:
-    """Rewrite the installed disk's syslinux.cfg: the appliance command line plus `extra`."""
+    """Rewrite the installed disk's boot configs (syslinux.cfg for BIOS, grub.cfg for UEFI):
+    the appliance command line plus `extra`."""
     fat = f"{disk}@@{PARTITION_START_LBA * SECTOR}"
     cfg = subprocess.run(["mtype", "-i", fat, "::/syslinux.cfg"], check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
     lines = [f"  APPEND {APPLIANCE_CMDLINE} {extra}".rstrip() if ln.strip().startswith("APPEND")
              else ln for ln in cfg.splitlines()]  # fmt: skip
-    new = disk.with_name("syslinux.cfg")
-    new.write_text("\n".join(lines) + "\n")
-    subprocess.run(["mcopy", "-o", "-i", fat, str(new), "::/syslinux.cfg"], check=True,
-                   capture_output=True)  # fmt: skip
+    new = {"syslinux.cfg": "\n".join(lines) + "\n",
+           "grub.cfg": appliance_grub_cfg(f"{APPLIANCE_CMDLINE} {extra}".rstrip())}
+    for name, text in new.items():
+        path = disk.with_name(name)
+        path.write_text(text)
+        subprocess.run(["mcopy", "-o", "-i", fat, str(path), f"::/{name}"], check=True,
+                       capture_output=True)  # fmt: skip
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_appliance_image_boots_with_uefi(tmp_path: Path) -> None:
+    """The same disk boots under OVMF through GRUB (/EFI/BOOT/BOOTX64.EFI on partition 1)."""
+    code = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    vars_src = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    if not (code.exists() and vars_src.exists()):
+        pytest.skip("UEFI firmware missing (apt-get install ovmf)")
+    disk = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(cached_appliance_image(project_root=PROJECT_ROOT)),
+                    str(disk)], check=True)  # fmt: skip
+    set_boot_args(disk, "appliance.halt=1")
+    vars_fd = tmp_path / "OVMF_VARS.fd"
+    vars_fd.write_bytes(vars_src.read_bytes())
+    result = run_qemu(
+        ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+         "-drive", f"if=pflash,format=raw,file={vars_fd}",
+         "-drive", f"file={disk},format=raw,if=ide"],
+        serial_log=tmp_path / "uefi.log", wait_for="APPLIANCE RESULT",
+        fail_on=(*FAIL_ON, "error: "), timeout_s=BOOT_TIMEOUT_S, expect_exit=True,
+        memory_mib=512,  # Debian's GRUB 2.06 EFI loader runs out of memory at 256 MiB
+    )  # fmt: skip
+    log.info("appliance image, UEFI boot: result after %.1fs", result.elapsed_s)
+    assert "Welcome to GRUB!" in result.log and "SYSLINUX" not in result.log
+    assert READY_MARKER in result.log
+    assert "selftest OK" in result.log
+    assert "APPLIANCE RESULT rc=0" in result.log
 
 
 def wait_nbd_list(uri: str, *, timeout_s: float) -> dict[str, object]:
