@@ -81,19 +81,25 @@ def test_testdisk_boots_from_raw_file(tmp_path: Path) -> None:
     assert before[(lba + 1) * SECTOR :] == after[(lba + 1) * SECTOR :]
 
 
-def test_rescue_iso_boots_from_cdrom(tmp_path: Path, rescue_files: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("medium", ["cdrom", "usb"])
+def test_rescue_iso_boots_with_bios(
+    tmp_path: Path, rescue_files: tuple[Path, Path], medium: str
+) -> None:
+    """SeaBIOS boots the hybrid ISO as a CD (El Torito, isolinux) and as a USB disk (MBR)."""
     kernel, initrd = rescue_files
     iso = tmp_path / "rescue.iso"
     build_iso(iso, kernel, initrd, RESCUE_CMDLINE)
+    media = (["-cdrom", str(iso)] if medium == "cdrom"
+             else ["-drive", f"file={iso},format=raw,if=ide,snapshot=on"])  # fmt: skip
     result = run_qemu(
-        ["-cdrom", str(iso)],
+        media,
         serial_log=tmp_path / "serial.log",
         wait_for="starting a shell",
         fail_on=FAIL_ON,
         timeout_s=BOOT_TIMEOUT_S,
         memory_mib=128,  # QEMU's default: `qemu-system-x86_64 -cdrom rescue.iso` must work
     )
-    log.info("rescue ISO: shell after %.1fs", result.elapsed_s)
+    log.info("rescue ISO (BIOS, %s): shell after %.1fs", medium, result.elapsed_s)
     assert "RESCUE READY" in result.log
     assert "ISOLINUX" in result.log
 
