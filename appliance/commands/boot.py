@@ -1,9 +1,11 @@
 """Instant-recovery sub-commands: `boot`, `sessions`, `stop`, `migrate`.
 
-Thin: parse, call `appliance.recovery`, print (or `--json`). `boot` returns as soon as the VM
-runs; the per-session supervisor daemon keeps nbdkit and QEMU alive afterwards. Must not start
-or own long-running processes itself, and takes the repository writer lock only for
-`stop --commit`.
+Thin: parse, call `appliance.recovery`, print (or `--json`). `sessions` and `stop` also cover
+the iSCSI sessions of SAN-booted machines and `iscsi export` (`appliance.commands.pxe`), so one
+`appliance stop S --commit` ends any session that runs a machine from a backup. `boot` returns
+as soon as the VM runs; the per-session supervisor daemon keeps nbdkit and QEMU alive
+afterwards. Must not start or own long-running processes itself, and takes the repository
+writer lock only for `stop --commit`.
 """
 
 from __future__ import annotations
@@ -94,14 +96,30 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iscsi_sessions(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .pxe import IscsiSessions
+
+    return IscsiSessions(repo_path(args)).list()
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     sessions = recovery.list_sessions(repo_path(args))
+    san = _iscsi_sessions(args)
     if args.json:
-        emit_json([s.as_dict() for s in sessions])
+        emit_json([s.as_dict() for s in sessions] + [
+            {"name": x["name"], "backend": "iscsi", "point": x["point"],
+             "state": "running" if x["alive"] else "down", "iqn": x["iqn"],
+             "portal": x.get("portal"), "initiators": x["initiators"],
+             "luns": [{"disk": d["disk"], "lun": d["lun"]} for d in x.get("disks", [])]}
+            for x in san])  # fmt: skip
         return 0
-    if not sessions:
+    if not sessions and not san:
         print("no recovery sessions")
         return 0
+    for x in san:
+        state = "running" if x["alive"] else "down"
+        print(f"{x['name']:<24} {state:<9} {x['point']:<28} {'iscsi':<7} "
+              f"{x['iqn']} on {x.get('portal')}, {x['initiators']} initiator(s)")
     for s in sessions:
         d = s.as_dict()
 
@@ -114,13 +132,31 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_iscsi(args: argparse.Namespace) -> recovery.StopResult:
+    """End an iSCSI session (SAN boot or `iscsi export`) like a recovery session."""
+    from .pxe import IscsiSessions
+
+    committed = IscsiSessions(repo_path(args), passphrase=_pw(args)).unexport(
+        args.name, commit=args.commit, label=args.label, drop=not args.keep_overlay)
+    return recovery.StopResult(args.name, committed,
+                               "kept" if args.keep_overlay else "dropped")  # fmt: skip
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     try:
-        res = recovery.stop_session(repo_path(args), args.name, commit=args.commit,
-                                    keep_overlay=args.keep_overlay, label=args.label,
-                                    passphrase=_pw(args))  # fmt: skip
-    except recovery.SessionError as exc:
-        raise UserError(str(exc)) from None
+        recovery.get_session(repo_path(args), args.name)
+    except recovery.SessionError:
+        if args.name in {x["name"] for x in _iscsi_sessions(args)}:
+            res = _stop_iscsi(args)
+        else:
+            raise UserError(f"no session {args.name!r} (see `appliance sessions`)") from None
+    else:
+        try:
+            res = recovery.stop_session(repo_path(args), args.name, commit=args.commit,
+                                        keep_overlay=args.keep_overlay, label=args.label,
+                                        passphrase=_pw(args))  # fmt: skip
+        except recovery.SessionError as exc:
+            raise UserError(str(exc)) from None
     if args.json:
         emit_json(res.as_dict())
     else:

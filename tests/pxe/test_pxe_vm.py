@@ -125,9 +125,15 @@ def test_sanboot_over_iscsi_writes_to_overlay_and_commits(
     anon = subprocess.run(["qemu-img", "info", f"iscsi://127.0.0.1:{serve.portal_port}/{iqn}/1"],
                           capture_output=True, timeout=60)  # fmt: skip
     assert anon.returncode != 0
-    out = run_cli("iscsi", "unexport", session, "--commit", env=serve.env()).stdout
+    # `appliance sessions` shows it beside VM sessions, and `appliance stop S --commit` ends it
+    listed = json.loads(run_cli("sessions", "--json", env=serve.env()).stdout)
+    assert [(x["name"], x["backend"], x["state"]) for x in listed] == [
+        (session, "iscsi", "running")]  # fmt: skip
+    out = run_cli("stop", session, "--commit", env=serve.env()).stdout
     committed = re.search(r"committed as (\S+)", out)
     assert committed, out
+    assert json.loads(run_cli("iscsi", "list", "--json", env=serve.env()).stdout) == []
+    assert "overlay dropped" in out
 
     lba = guest_write_lba(point_repo.size)
     after = tmp_path / "committed.img"
