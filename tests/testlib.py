@@ -48,7 +48,7 @@ def assert_logs(pattern: str, level: int = logging.WARNING, count: int | None = 
         assert len(seen) == count, f"expected {count} records matching {pattern!r}, got {len(seen)}"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path | str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from testlib import sha256_file
 from vmutil import free_tcp_port, managed_process, run_qemu, wait_tcp
 
 from kernel.iso import GRUB_BANNER, build_iso
@@ -33,14 +34,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 BOOT_TIMEOUT_S = 90
 FAIL_ON = ("Kernel panic", "No bootable device", "RESTORE FAILED", "NO DISK")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_sector(path: Path, lba: int) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testlib import sha256_file  # noqa: F401 (re-exported)
 
 MiB = 1 << 20
 IMAGE_BYTES = 16 * MiB
@@ -35,10 +35,6 @@ def make_image(path: Path, size: int = IMAGE_BYTES, seed: int = 7) -> bytes:
     data[ZERO_START:ZERO_END] = bytes(ZERO_END - ZERO_START)
     path.write_bytes(data)
     return bytes(data)
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run(cmd: list[str], *, check: bool = True, timeout: float = 60,

@@ -9,7 +9,6 @@ subprocess; the fixture waits for the mount while watching the child, and always
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import shutil
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testlib import sha256_file  # noqa: F401 (re-exported)
 
 from dedupstore import Repository, backup_image
 
@@ -35,14 +35,6 @@ def run(*cmd: str | os.PathLike[str]) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
     return proc.stdout
-
-
-def sha256_file(path: Path | str, chunk: int = MIB) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-    return h.hexdigest()
 
 
 def fuse_available() -> bool:
