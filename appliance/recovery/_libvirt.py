@@ -198,7 +198,7 @@ def block_copy(
 
     conn = connect(uri)
     started: list[str] = []
-    pivoted = False
+    pivoted: list[str] = []
     try:
         try:
             dom = conn.lookupByName(domain_name(session))
@@ -218,9 +218,12 @@ def block_copy(
                 started.append(dev)
             _wait_copies_ready(dom, started, timeout_s=timeout_s)
             for dev in started:
-                dom.blockJobAbort(dev, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-            pivoted = True
+                _pivot(dom, dev)
+                pivoted.append(dev)
         except libvirt.libvirtError as exc:
+            if pivoted:  # some disks already run on their targets: those files must stay
+                raise PivotedError(f"libvirt block copy failed after {pivoted} moved: {exc}"
+                                   ) from exc  # fmt: skip
             raise SessionError(f"libvirt block copy failed: {exc}") from exc
         now = disk_sources(dom)
         for disk, path, _fmt in targets:
@@ -234,12 +237,28 @@ def block_copy(
             except libvirt.libvirtError as exc:  # the live VM is fine; only its definition
                 log.warning("%s: could not update the persistent definition: %s", disk, exc)
     finally:
-        if started and not pivoted:
-            for dev in started:
+        for dev in started:
+            if dev not in pivoted:  # back to NBD for the disks that did not move
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.blockJobAbort(dev, 0)
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
+
+
+def _pivot(dom: Any, dev: str, timeout_s: float = 10.0) -> None:
+    """Pivot `dev` onto its copy; libvirt may call a job that has copied everything "not ready"
+    for a moment (its READY event is still on the way): retry briefly."""
+    import libvirt
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            dom.blockJobAbort(dev, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            return
+        except libvirt.libvirtError as exc:
+            if "ready" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _wait_copies_ready(dom: Any, devs: list[str], *, timeout_s: float) -> None:

@@ -366,10 +366,12 @@ def _mirror_qmp(
                 })  # fmt: skip
             jobs = {t.node for t in targets}
             _wait_jobs(q, jobs, want="ready", timeout_s=timeout_s, vm_alive=lambda: s.qemu_alive)
+            # From the first job-complete on, a disk may already run on its target: a failure
+            # from here keeps every target file (PivotedError) rather than cancel and delete.
+            pivoted = True
             for t in targets:
                 q.cmd("job-complete", id=t.node)
             _wait_jobs(q, jobs, want="gone", timeout_s=60, vm_alive=lambda: s.qemu_alive)
-            pivoted = True
             for t in targets:
                 root = q.device_root_node(t.disk)
                 if root != t.node:
