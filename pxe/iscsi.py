@@ -154,6 +154,8 @@ class Tgt:
                     lun += ["--params", "readonly=1"]
                 self.adm(*lun)
             if chap is not None:
+                # a leftover account of that name (a session that crashed) gets the new secret
+                self.adm("--mode", "account", "--op", "delete", "--user", chap.user, check=False)
                 self.adm("--mode", "account", "--op", "new", "--user", chap.user,
                          "--password", chap.secret)  # fmt: skip
                 self.adm("--mode", "account", "--op", "bind", "--tid", str(tid),
