@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 from testlib import sha256_file
@@ -129,6 +131,16 @@ def test_rescue_iso_boots_uefi(tmp_path: Path, rescue_files: tuple[Path, Path],
     assert "RESCUE READY" in result.log
 
 
+@contextlib.contextmanager
+def serve_raw(image: Path, export: str, port: int, log_path: Path) -> Iterator[Popen[bytes]]:
+    """qemu-nbd serving ``image`` read-only as ``export`` on 127.0.0.1:``port`` (stopped by PID)."""
+    cmd = ["qemu-nbd", "--read-only", "--persistent", "--shared=8", "--format=raw",
+           f"--export-name={export}", "--bind=127.0.0.1", f"--port={port}", str(image)]  # fmt: skip
+    with managed_process(cmd, log_path=log_path) as proc:
+        wait_tcp("127.0.0.1", port)
+        yield proc
+
+
 needs_qemu_nbd = pytest.mark.skipif(
     shutil.which("qemu-nbd") is None, reason="qemu-nbd (qemu-utils) missing"
 )
@@ -151,12 +163,7 @@ def test_rescue_restores_disk_over_nbd(
             f.write(b"\xa5" * size)
 
     port = free_tcp_port()
-    nbd_cmd = [
-        "qemu-nbd", "--read-only", "--persistent", "--shared=8", "--format=raw",
-        "--export-name=point", "--bind=127.0.0.1", f"--port={port}", str(source),
-    ]  # fmt: skip
-    with managed_process(nbd_cmd, log_path=tmp_path / "qemu-nbd.log") as nbd:
-        wait_tcp("127.0.0.1", port)
+    with serve_raw(source, "point", port, tmp_path / "qemu-nbd.log") as nbd:
         qemu_args = [
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", restore_cmdline(f"nbd://10.0.2.2:{port}/point", zero=zero),
@@ -198,11 +205,7 @@ def test_rescue_restores_two_disks_in_order(
     ports = [free_tcp_port(), free_tcp_port()]
     with contextlib.ExitStack() as stack:
         for i, (src, port) in enumerate(zip(sources, ports, strict=True)):
-            stack.enter_context(managed_process(
-                ["qemu-nbd", "--read-only", "--persistent", "--shared=8", "--format=raw",
-                 f"--export-name=d{i}", "--bind=127.0.0.1", f"--port={port}", str(src)],
-                log_path=tmp_path / f"qemu-nbd{i}.log"))  # fmt: skip
-            wait_tcp("127.0.0.1", port)
+            stack.enter_context(serve_raw(src, f"d{i}", port, tmp_path / f"qemu-nbd{i}.log"))
         cmdline = restore_cmdline(
             f"nbd://10.0.2.2:{ports[0]}/d0,nbd://10.0.2.2:{ports[1]}/d1",
             dst="/dev/sda,/dev/sdb", zero=True,
