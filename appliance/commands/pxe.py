@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -95,6 +95,14 @@ def _disk_order(disk: str) -> tuple[int, str]:
     """disk0, disk1, ..., disk10 in numeric order (LUN i+1 = disk i)."""
     digits = disk.removeprefix("disk")
     return (int(digits), "") if digits.isdigit() else (1 << 30, disk)
+
+
+def boot_disks(point_name: str, names: Iterable[str]) -> list[str]:
+    """A point's disk names in LUN/restore order; the first must be the boot disk (disk0)."""
+    disks = sorted(names, key=_disk_order)
+    if not disks or disks[0] != SAN_DISK:
+        raise UserError(f"{point_name} has no {SAN_DISK}")
+    return disks
 
 
 def pxe_dir(root: Path) -> Path:
@@ -249,9 +257,7 @@ class IscsiSessions:
                 log.info("reusing overlay %s on %s", name, info.base)
             except ds.NotFound:
                 info = ds.create_overlay(repo, point_ref, name)
-        names = sorted((d.name for d in info.disks), key=_disk_order)
-        if not names or names[0] != SAN_DISK:
-            raise UserError(f"{info.base} has no {SAN_DISK}")
+        names = boot_disks(info.base, (d.name for d in info.disks))
         s: dict[str, Any] = {
             "name": name,
             "point": info.base,
@@ -409,7 +415,7 @@ class BootPlanner:
         if a.action == "rescue":
             with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
                 point = repo.resolve(a.point)  # pin the id: @latest may move mid-restore
-            disks = sorted((str(d["name"]) for d in point.manifest["disks"]), key=_disk_order)
+            disks = boot_disks(point.name, (str(d["name"]) for d in point.manifest["disks"]))
             if len(disks) != len(a.dsts):
                 log.error("%s: %s has %d disk(s), the assignment names %d destination(s)",
                           mac, point.name, len(disks), len(a.dsts))  # fmt: skip
@@ -556,9 +562,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
                 p = repo.resolve(args.point)  # unknown point: NotFound, a one-line error
                 if p.kind != "image":
                     raise UserError(f"{p.name} is a {p.kind} point: only image points boot")
-                disks = sorted((str(d["name"]) for d in p.manifest["disks"]), key=_disk_order)
-                if not disks or disks[0] != SAN_DISK:
-                    raise UserError(f"{p.name} has no {SAN_DISK}")
+                disks = boot_disks(p.name, (str(d["name"]) for d in p.manifest["disks"]))
                 ndst = len(args.dst.split(","))
                 if args.action == "rescue" and ndst != len(disks):
                     example = ",".join(f"/dev/sd{'abcdefghijklmnopqrstuvwxyz'[i]}"
