@@ -173,6 +173,12 @@ def _pack_problem(path: Path, *, sealed: bool) -> str | None:
     return None
 
 
+def _chunk_problem(cid: bytes, err: str) -> str:
+    """``chunk <id>: <err>``, without repeating the id when the error already starts with it."""
+    head = f"chunk {cid.hex()[:16]}"
+    return err if err.startswith(head) else f"{head}: {err}"
+
+
 def _point_problem(repo: Repository, p: Point, rep: VerifyReport, check_chunks: bool) -> str | None:
     seen: set[bytes] = set()
     try:
@@ -181,14 +187,14 @@ def _point_problem(repo: Repository, p: Point, rep: VerifyReport, check_chunks: 
                 continue
             seen.add(cid)
             if cid in rep.bad_chunks:
-                return f"chunk {cid.hex()[:16]}: {rep.bad_chunks[cid]}"
+                return _chunk_problem(cid, rep.bad_chunks[cid])
             if check_chunks:
                 _c, size, err = _check(repo, cid)
                 rep.chunks_checked += 1
                 rep.bytes_checked += size
                 if err is not None:
                     rep.bad_chunks[cid] = err
-                    return f"chunk {cid.hex()[:16]}: {err}"
+                    return _chunk_problem(cid, err)
             else:
                 loc = repo.index.lookup(cid)
                 if loc is None:
