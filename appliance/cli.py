@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except Exception as exc:  # a bug, not the user's fault: one line here, the rest in a log
+    except Exception as exc:  # noqa: BLE001 (a bug: one line here, the traceback to a log file)
         path = _write_crash_log(args, sys.argv[1:] if argv is None else argv)
         where = f" (details in {path})" if path else ""
         print(f"appliance: error: unexpected {type(exc).__name__}: {exc}{where}", file=sys.stderr)
