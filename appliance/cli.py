@@ -14,6 +14,7 @@ lists them, as restic's exit 3); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import codecs
 import getpass
 import logging
 import os
@@ -121,12 +122,25 @@ def _write_crash_log(args: argparse.Namespace | None, argv: list[str]) -> Path |
     return None
 
 
+def _escape_unencodable(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: a surrogate-escaped byte prints as `\\xNN`, anything else `\\uNNNN`."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = []
+    for ch in exc.object[exc.start : exc.end]:
+        code = ord(ch)
+        out.append(f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}")
+    return "".join(out), exc.end
+
+
 def main(argv: list[str] | None = None) -> None:
-    # Names on Linux are bytes: text output must never die on one that is not UTF-8.
+    # Names on Linux are bytes (str with surrogateescape here): printing one that is not
+    # UTF-8 shows it escaped, the way dedupstore.display_path does, instead of dying.
+    codecs.register_error("appliance-escape", _escape_unencodable)
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
-            reconfigure(errors="backslashreplace")
+            reconfigure(errors="appliance-escape")
     args: argparse.Namespace | None = None
     try:
         parser = build_parser()
