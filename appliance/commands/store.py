@@ -134,8 +134,18 @@ def _used_ranges(paths: list[Path]) -> list[Any]:
         raise UserError(f"--used-only needs the image package: {exc}") from exc
     out = []
     for path in paths:
-        src = image.FileSource(path)
-        umap = image.used_ranges(src)
+        # The map is read now and the data later: a filesystem that is being written between
+        # the two would lose the blocks it allocates meanwhile.
+        busy = image.writable_mounts(path)
+        if busy:
+            raise UserError(
+                f"--used-only: {path} is mounted read-write at {', '.join(busy)}, so its "
+                "allocation map changes while it is read; back up a snapshot instead (LVM: "
+                "lvcreate --snapshot, or fsfreeze -f MOUNTPOINT while a storage snapshot is "
+                "taken), remount it read-only, or back it up without --used-only"
+            )
+        with image.FileSource(path) as src:
+            umap = image.used_ranges(src)
         out.append(umap.ranges)
     return out
 
