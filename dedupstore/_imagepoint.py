@@ -259,17 +259,27 @@ class SourceReadError(OSError):
     """A read of a backup source failed or came back short; the message names the offset."""
 
 
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    """Exactly `length` bytes at `offset`, or SourceReadError naming where it failed."""
+def _pread_exact(fd: int, length: int, offset: int, bs: int) -> bytes:
+    """Exactly `length` bytes at `offset`, or SourceReadError naming where it failed.
+
+    A failing read is retried block by block (`bs`) to name the first block that fails.
+    """
     parts = []
     pos, end = offset, offset + length
     while pos < end:
         try:
             data = os.pread(fd, end - pos, pos)
         except OSError as exc:
-            why = exc.strerror or str(exc)
+            bad, n, err = pos, end - pos, exc
+            for off in range(pos, end, bs):
+                try:
+                    os.pread(fd, min(bs, end - off), off)
+                except OSError as exc2:
+                    bad, n, err = off, min(bs, end - off), exc2
+                    break
+            why = err.strerror or str(err)
             raise SourceReadError(
-                exc.errno or errno.EIO, f"read failed at offset {pos} ({end - pos} bytes): {why}"
+                err.errno or errno.EIO, f"read failed at offset {bad} ({n} bytes): {why}"
             ) from exc
         if not data:  # the source shrank (or a device reported less than it has)
             raise SourceReadError(
@@ -288,12 +298,12 @@ def _read_full(fd: int, length: int, offset: int, mask: bytes | None, bs: int) -
     Raises SourceReadError (an OSError naming the offset) when a needed byte cannot be read.
     """
     if mask is None or all(mask):
-        return _pread_exact(fd, length, offset)
+        return _pread_exact(fd, length, offset, bs)
     buf = bytearray(length)
     for k, used in enumerate(mask):
         if used:
             start = k * bs
-            chunk = _pread_exact(fd, min(bs, length - start), offset + start)
+            chunk = _pread_exact(fd, min(bs, length - start), offset + start, bs)
             buf[start : start + len(chunk)] = chunk
     return bytes(buf)
 
