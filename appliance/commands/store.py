@@ -151,6 +151,10 @@ def _used_ranges(paths: list[Path]) -> list[Any]:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if ds.display_path(args.source) != args.source:  # undecodable argv bytes (surrogates)
+        raise UserError(f"source name '{ds.display_path(args.source)}' is not valid UTF-8")
+    if args.label is not None:
+        args.label = ds.display_path(args.label)  # free text: keep it, escaped
     used = None
     if args.what == "image" and args.used_only:
         used = _used_ranges(args.paths)

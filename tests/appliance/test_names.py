@@ -127,6 +127,21 @@ def test_skipped_non_utf8_name_is_reported_escaped(tmp_path: Path) -> None:
     json.dumps(point.manifest["errors"]).encode("utf-8")  # plain text, no lone surrogates
 
 
+def test_non_utf8_source_name_and_label(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a\n")
+    repo = str(tmp_path / "repo")
+    run_cli("--repo", repo, "init")
+    bad = os.fsdecode(b"host-\xe9")
+    proc = run_cli("--repo", repo, "backup", "files", str(src), "--source", bad, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == "appliance: error: source name 'host-\\xe9' is not valid UTF-8\n"
+    run_cli("--repo", repo, "backup", "files", str(src), "--source", "ok", "--label", bad)
+    (row,) = json.loads(run_cli("--repo", repo, "points", "--json").stdout)
+    assert row["label"] == "host-\\xe9"
+
+
 def test_unexpected_error_is_one_line_and_a_log_file(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
