@@ -26,6 +26,7 @@ GBK = "\u4e2d\u6587\u540d.txt".encode("gbk")  # not valid UTF-8
 DIR = b"d\xc3\x28ir"  # an invalid UTF-8 sequence
 INNER = b"inner-\xff\xfe.bin"
 LINK = b"link-\xe9"
+XATTR = b"user.note-\xe9"
 
 
 def _make_tree(root: Path) -> dict[bytes, bytes]:
@@ -44,6 +45,7 @@ def _make_tree(root: Path) -> dict[bytes, bytes]:
         with open(path, "wb") as f:
             f.write(data)
     os.symlink(LATIN1, base + b"/" + LINK)
+    os.setxattr(base + b"/" + LATIN1, XATTR, b"value \xff")
     os.link(base + b"/" + GBK, base + b"/" + DIR + b"/hard-" + GBK)
     files[DIR + b"/hard-" + GBK] = files[GBK]
     return files
@@ -94,6 +96,7 @@ def test_non_utf8_names_back_up_list_mount_restore_byte_exact(tmp_path: Path) ->
         shas, links = _scan(tree)
         assert shas == want
         assert links == {LINK: LATIN1}
+        assert os.getxattr(tree + b"/" + LATIN1, XATTR) == b"value \xff"
 
     dest = os.fsencode(tmp_path) + b"/restored-\xe9"
     proc = run_cli("--repo", str(repo), "restore", "share@latest", os.fsdecode(dest))
@@ -101,6 +104,7 @@ def test_non_utf8_names_back_up_list_mount_restore_byte_exact(tmp_path: Path) ->
     shas, links = _scan(dest)
     assert shas == want
     assert links == {LINK: LATIN1}
+    assert os.getxattr(dest + b"/" + LATIN1, XATTR) == b"value \xff"
     a, b = os.stat(dest + b"/" + GBK), os.stat(dest + b"/" + DIR + b"/hard-" + GBK)
     assert a.st_ino == b.st_ino
 
