@@ -768,6 +768,24 @@ def _stacked_devices(dev: str, sys_block: Path) -> set[str]:
     return seen
 
 
+def _loop_devices_of(st: os.stat_result, sys_block: Path) -> list[str]:
+    """The loop devices ("major:minor") whose backing file is the file with stat ``st``."""
+    out = []
+    try:
+        nodes = list(sys_block.iterdir())
+    except OSError:
+        return out
+    for node in nodes:
+        try:
+            backing = (node / "loop" / "backing_file").read_text().rstrip("\n")
+            bst = os.stat(backing)
+        except OSError:
+            continue
+        if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
+            out.append(node.name)
+    return out
+
+
 def _unescape_mountinfo(field_text: str) -> str:
     """Mount points in mountinfo escape space, tab, newline and backslash as ``\\ooo``."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
@@ -781,14 +799,21 @@ def writable_mounts(
 ) -> list[str]:
     """Mount points where block device ``path`` is mounted read-write on this host.
 
-    A partition of it or a device-mapper / md device stacked on it counts too. The
-    superblock's options decide (a read-only bind mount of a read-write filesystem is still
-    being written). ``[]`` for a regular file or a device nobody has mounted read-write.
+    A partition of it or a device-mapper / md device stacked on it counts too, and for an
+    image file, the loop devices backed by it. The superblock's options decide (a read-only
+    bind mount of a read-write filesystem is still being written). ``[]`` when nobody has it
+    mounted read-write.
     """
     st = os.stat(path)
-    if not stat.S_ISBLK(st.st_mode):
+    if stat.S_ISBLK(st.st_mode):
+        roots = [f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"]
+    elif stat.S_ISREG(st.st_mode):
+        roots = _loop_devices_of(st, Path(sys_block))
+    else:
         return []
-    devs = _stacked_devices(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", Path(sys_block))
+    devs: set[str] = set()
+    for root in roots:
+        devs |= _stacked_devices(root, Path(sys_block))
     out: list[str] = []
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:

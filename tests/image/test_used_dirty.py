@@ -191,6 +191,19 @@ def test_used_only_refuses_a_device_mounted_read_write(tmp_path: Path) -> None:
         mnt = tmp_path / "mnt point"  # a space: mountinfo escapes it as \040
         with mounted(dev, mnt):
             assert writable_mounts(dev) == [str(mnt)]
+            assert writable_mounts(img) == [str(mnt)]  # the image file behind the loop device
+            proc = run_cli(
+                "--repo",
+                str(repo),
+                "backup",
+                "image",
+                str(img),
+                "--used-only",
+                "--source",
+                "live",
+                check=False,
+            )
+            assert proc.returncode == 2 and "mounted read-write" in proc.stderr
             proc = run_cli(
                 "--repo",
                 str(repo),
