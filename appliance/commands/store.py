@@ -200,22 +200,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 "changed": changed,
             }
         )
-        return rc
-    dur = max(st.get("duration_s", 0.0), 1e-6)
-    print(
-        f"{point.name}  {point.kind} {point.mode}  logical {human_bytes(st['logical_bytes'])}"
-        f"  read {human_bytes(st['read_bytes'])}  new {human_bytes(st['stored_bytes'])} stored"
-        f"  {st['logical_bytes'] / dur / 1e6:.0f} MB/s"
-    )
-    for c in changed[:SHOW_MAX]:
-        print(f"changed while read (stored as read): {c['path']}: {c['change']}")
-    if len(changed) > SHOW_MAX:
-        print(f"... and {len(changed) - SHOW_MAX} more changed files (see 'points --json')")
-    if skipped:
+    else:
+        dur = max(st.get("duration_s", 0.0), 1e-6)
+        print(
+            f"{point.name}  {point.kind} {point.mode}  logical {human_bytes(st['logical_bytes'])}"
+            f"  read {human_bytes(st['read_bytes'])}  new {human_bytes(st['stored_bytes'])} stored"
+            f"  {st['logical_bytes'] / dur / 1e6:.0f} MB/s"
+        )
+        for c in changed[:SHOW_MAX]:
+            print(f"changed while read (stored as read): {c['path']}: {c['change']}")
+        if len(changed) > SHOW_MAX:
+            print(f"... and {len(changed) - SHOW_MAX} more changed files (see 'points --json')")
         for e in skipped[:SHOW_MAX]:
             print(f"  not backed up: {e['path']}: {e['error']}", file=sys.stderr)
         if len(skipped) > SHOW_MAX:
             print(f"  ... and {len(skipped) - SHOW_MAX} more", file=sys.stderr)
+    if skipped:
         print(
             f"appliance: completed with errors: {len(skipped)} entries could not be read and "
             f"are not in {point.name}",
@@ -243,6 +243,9 @@ def _point_row(p: ds.Point) -> dict[str, Any]:
         "complete": bool(m.get("complete", True)) and not st.get("errors", 0),
         "skipped": int(st.get("errors", 0)),
         "changed": int(st.get("changed", 0)),
+        # What was left out and what changed while read, for a file-tree point.
+        "errors": list(m.get("errors") or []),
+        "changed_files": list(m.get("changed") or []),
     }
     if p.kind == "image":
         row["disks"] = [{"name": d["name"], "size": d["size"]} for d in m["disks"]]

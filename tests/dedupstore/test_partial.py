@@ -170,6 +170,7 @@ def test_tree_backup_skips_unreadable_file_records_it_and_exits_3(tmp_path: Path
 
     rows = {r["source"]: r for r in _points(target)}
     assert rows["copy"]["complete"] is False and rows["copy"]["skipped"] == 1
+    assert rows["copy"]["errors"] == [{"path": "dir/bad.bin", "error": "Input/output error"}]
     listing = run_cli("--repo", str(target), "points").stdout
     assert "INCOMPLETE (1 skipped)" in listing
     # The point holds everything else byte-exact and no stand-in for the unreadable file.
