@@ -770,7 +770,7 @@ def _stacked_devices(dev: str, sys_block: Path) -> set[str]:
 
 def _loop_devices_of(st: os.stat_result, sys_block: Path) -> list[str]:
     """The loop devices ("major:minor") whose backing file is the file with stat ``st``."""
-    out = []
+    out: list[str] = []
     try:
         nodes = list(sys_block.iterdir())
     except OSError:
