@@ -13,6 +13,7 @@ and ends inside one method call (never held across an await or a callback).
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,15 @@ def pack_key(pack_id: int) -> bytes:
 
 def point_key(source: str, point_id: str) -> bytes:
     return source.encode() + b"\0" + point_id.encode()
+
+
+def files_key(source: str, path: str) -> bytes:
+    """The files-cache key of `path` (a str from os.fsdecode: any Linux name, byte-exact).
+
+    os.fsencode gives the UTF-8 bytes of a valid name (the keys older versions wrote) and the
+    original bytes of a non-UTF-8 one (surrogateescape).
+    """
+    return source.encode() + b"\0" + os.fsencode(path)
 
 
 Loc = tuple[int, int, int, int, int, int]  # pack id, offset, stored_len, raw_len, kind, codec
@@ -179,7 +189,7 @@ class Index:
     # -- files cache --------------------------------------------------------------------
     def files_get(self, source: str, path: str) -> dict[str, Any] | None:
         with self.env.begin(db=self.files) as txn:
-            raw = txn.get(point_key(source, path))
+            raw = txn.get(files_key(source, path))
         return None if raw is None else msgpack.unpackb(raw)
 
     # -- writes -------------------------------------------------------------------------
