@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import os
+import pty
 import re
+import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from vmutil import free_tcp_port, qemu_vm, run_qemu
+from vmutil import QemuVM, free_tcp_port, qemu_vm, run_qemu
 
 from kernel.__main__ import main as kernel_main
 from kernel.initramfs import KernelBuildError
 from kernel.installer import (
+    ADMIN_PASSWORD_CHARS,
+    ADMIN_PASSWORD_MARKER,
+    ADMIN_SH,
     APPLIANCE_CMDLINE,
     BOOT_PART_MIB,
     ISO_IMAGE_PATH,
+    NBD_PORT,
+    NBD_PSK_IDENTITY,
+    NBD_PSK_PATH,
     PROJECT_PACKAGES,
     READY_MARKER,
     SITE_EXCLUDE,
@@ -111,6 +121,96 @@ def test_cli_rejects_default_install_without_installer(
 def test_install_dst_is_validated() -> None:
     with pytest.raises(KernelBuildError, match="bad install destination"):
         installer_iso_extras(dst="sda")
+
+
+#: What a generated admin password looks like (ADMIN_SH's random_chars alphabet).
+GENERATED_PW_RE = re.compile(rf"{ADMIN_PASSWORD_MARKER}([A-HJ-NP-Za-km-z2-9]{{{ADMIN_PASSWORD_CHARS}}})\r?$",
+                             re.MULTILINE)  # fmt: skip
+#: root's /etc/shadow line as ADMIN_SH writes it: SHA-512 crypt, every numeric field set.
+SHADOW_RE = re.compile(r"^root:(\$6\$([A-Za-z0-9]{16})\$[./0-9A-Za-z]{86}):\d+:0:99999:7:::\n$")
+
+
+def busybox_sh(script: str, **env: str) -> str:
+    """Run ``script`` after :data:`ADMIN_SH` under busybox's ash (the shell both inits use)."""
+    proc = subprocess.run(["busybox", "sh", "-c", ADMIN_SH + script], capture_output=True,
+                          text=True, check=False, env={"PATH": "/usr/bin:/bin", **env},
+                          timeout=30)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def check_shadow_line(line: str, password: str) -> None:
+    """``line`` is root's SHA-512 crypt hash of ``password`` (checked by openssl, not by us)."""
+    m = SHADOW_RE.match(line)
+    assert m, line
+    assert password not in line
+    want = subprocess.run(["openssl", "passwd", "-6", "-salt", m[2], "-stdin"], input=password,
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert m[1] == want
+
+
+def pty_login(root: Path, password: str) -> str:
+    """busybox ``login root`` chrooted into ``root`` on a pty: type ``password``, then ``id``;
+    return what the terminal showed. The process is killed by PID at the end."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(["chroot", str(root), "/bin/busybox", "login", "root"], stdin=slave,
+                            stdout=slave, stderr=slave, start_new_session=True)  # fmt: skip
+    os.close(slave)
+    seen = b""
+
+    def until(*markers: bytes, timeout_s: float = 10) -> bool:
+        nonlocal seen
+        deadline = time.monotonic() + timeout_s
+        while not any(m in seen for m in markers) and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the other side closed
+                    break
+        return any(m in seen for m in markers)
+
+    try:
+        assert until(b"Password: "), seen
+        os.write(master, password.encode() + b"\n")
+        # busybox login waits 3 s before "Login incorrect"; a shell prompt comes at once
+        assert until(b"# ", b"Login incorrect"), seen
+        if b"Login incorrect" not in seen:
+            os.write(master, b"echo uid=`id -u`-ok\n")
+            assert until(b"uid=0-ok"), seen
+        return seen.decode(errors="replace")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        os.close(master)
+
+
+def test_admin_password_helpers_hash_what_busybox_login_accepts(tmp_path: Path) -> None:
+    """ADMIN_SH: generated passwords are random and well-formed; the shadow line is 0600, holds
+    only a SHA-512 crypt hash, and busybox's own login (as on the installed system) accepts the
+    right password and refuses a wrong one."""
+    pws = busybox_sh(f"random_chars {ADMIN_PASSWORD_CHARS}; random_chars {ADMIN_PASSWORD_CHARS}")
+    a, b = pws.split()
+    assert a != b
+    assert GENERATED_PW_RE.match(f"{ADMIN_PASSWORD_MARKER}{a}")
+    root = tmp_path / "root"
+    for d in ("bin", "etc", "root"):
+        (root / d).mkdir(parents=True)
+    subprocess.run(["cp", "/bin/busybox", str(root / "bin/busybox")], check=True)
+    for applet in ("sh", "id"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    password = "Corr3ct horse: 'b\\a$"  # spaces, quotes, a backslash, a dollar
+    busybox_sh('printf "%s\\n" "$PW" | write_shadow "$ROOT"', PW=password, ROOT=str(root))
+    shadow = root / "etc/shadow"
+    assert shadow.stat().st_mode & 0o777 == 0o600
+    assert not (root / "etc/shadow.new").exists()
+    check_shadow_line(shadow.read_text(), password)
+
+    wrong = pty_login(root, password + "x")
+    assert "Login incorrect" in wrong and "uid=0-ok" not in wrong
+    right = pty_login(root, password)
+    assert "uid=0-ok" in right and "Login incorrect" not in right
 
 
 def test_appliance_build_installer_iso_runs_kernel_tool(
