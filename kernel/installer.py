@@ -345,8 +345,9 @@ echo "INSTALLER READY"
 
 fail() { echo "INSTALL FAILED $*"; return 1; }
 @ADMIN_SH@
-read_secret() {  # read_secret VAR: one line from the console, not echoed
+read_secret() {  # read_secret VAR PROMPT: one line from the console, not echoed
     stty -echo < /dev/console 2>/dev/null
+    echo "INSTALL PASSWORD $2"  # after stty: what is typed once the prompt shows is not echoed
     IFS= read -r -t "$confirm_timeout" "$1" < /dev/console
     stty echo < /dev/console 2>/dev/null
     echo
@@ -358,17 +359,15 @@ ask_password() {  # sets pw (empty: generate one); asks unless install.password=
     tries=0
     while [ $tries -lt 3 ]; do
         tries=$((tries + 1))
-        echo "INSTALL PASSWORD type the admin (root) password, or Enter to generate one:"
         p1=
-        read_secret p1
+        read_secret p1 "type the admin (root) password, or Enter to generate one:"
         [ -n "$p1" ] || return 0
         if [ ${#p1} -lt 8 ]; then
             echo "INSTALL PASSWORD too short (at least 8 characters)"
             continue
         fi
-        echo "INSTALL PASSWORD again:"
         p2=
-        read_secret p2
+        read_secret p2 "again:"
         if [ "$p1" = "$p2" ]; then
             pw=$p1
             p1= p2=

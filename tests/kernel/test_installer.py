@@ -452,7 +452,10 @@ def console_run(vm: QemuVM, command: str, *, timeout_s: float = 60) -> str:
 @pytest.mark.vm
 @pytest.mark.slow
 def test_appliance_image_boots_with_uefi(tmp_path: Path) -> None:
-    """The same disk boots under OVMF through GRUB (/EFI/BOOT/BOOTX64.EFI on partition 1)."""
+    """The same disk boots under OVMF through GRUB (/EFI/BOOT/BOOTX64.EFI on partition 1).
+
+    Written without the installer, the image holds no admin password: its first boot generates
+    one, prints it once and stores only the hash."""
     code = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     vars_src = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     if not (code.exists() and vars_src.exists()):
@@ -476,6 +479,12 @@ def test_appliance_image_boots_with_uefi(tmp_path: Path) -> None:
     assert READY_MARKER in result.log
     assert "selftest OK" in result.log
     assert "APPLIANCE RESULT rc=0" in result.log
+    assert result.log.count(ADMIN_PASSWORD_MARKER) == 1
+    m = GENERATED_PW_RE.search(result.log)
+    assert m, "no generated admin password on the console"
+    shadow, mode = root_file(disk, "/etc/shadow")
+    check_shadow_line(shadow, m[1])
+    assert mode == 0o600
 
 
 def nbd_list(uri: str) -> subprocess.CompletedProcess[str]:
@@ -529,7 +538,7 @@ def test_installer_asks_before_erasing(tmp_path: Path, answer: str) -> None:
             vm.wait_for("INSTALL FAILED not confirmed, /dev/sda untouched", timeout_s=30)
         else:
             for first, second, verdict in (("short", None, "too short"),
-                                           (password, password + "!", "entries differ"),
+                                           (password, password + "!", "the two entries differ"),
                                            (password, password, "set for root")):  # fmt: skip
                 wait_after(vm, start, "INSTALL PASSWORD type")
                 start = len(vm.log_text())
