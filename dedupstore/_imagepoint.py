@@ -11,6 +11,7 @@ differs from the base point's entry for the same block; unchanged blocks reuse t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ import xxhash
 
 from ._blockmap import BlockMap, BlockMapBuilder, zero_runs
 from ._repo import Point, Repository, validate_source_name
-from .errors import InvalidArgument, NotFound, StoreError
+from .errors import InvalidArgument, Locked, NotFound, StoreError
 from .formats import ZERO_FP, ZERO_ID, ChunkId, Kind
 
 log = logging.getLogger(__name__)
@@ -476,8 +477,16 @@ def _restore_disk(
     reader: DiskReader, target: Path, progress: Progress | None, done: int, total: int
 ) -> int:
     is_dev = target.exists() and stat.S_ISBLK(target.stat().st_mode)
-    flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_dev else os.O_CREAT | os.O_TRUNC)
-    fd = os.open(target, flags, 0o644)
+    # O_EXCL on a block device is the kernel's exclusive claim: it fails (EBUSY) while the
+    # device or one of its partitions is mounted or held, and keeps anyone from mounting it
+    # while it is being written.
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_EXCL if is_dev else os.O_CREAT | os.O_TRUNC)
+    try:
+        fd = os.open(target, flags, 0o644)
+    except OSError as exc:
+        if is_dev and exc.errno == errno.EBUSY:
+            raise Locked(f"{target} is in use (mounted or held by another program)") from None
+        raise
     repo = reader.repo
     bs = reader.block_size
     try:
