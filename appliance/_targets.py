@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._mounts import mount_table, unescape_octal
 from ._ui import UserError, human_bytes
 
 #: Bytes read at each end of a block device to tell a blank disk from one that holds data.
@@ -171,26 +172,16 @@ def _mounts() -> dict[str, str]:
     """major:minor -> first mount point, from mountinfo's device field and from mount
     sources that are block device paths (for filesystems reporting an anonymous device)."""
     out: dict[str, str] = {}
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 10 or "-" not in fields:
-            continue
-        mnt = _unescape(fields[4])
-        out.setdefault(fields[2], mnt)
-        source = _unescape(fields[fields.index("-") + 2])
-        if source.startswith("/dev/"):
+    for entry in mount_table():
+        out.setdefault(entry.dev, entry.mount_point)
+        if entry.source.startswith("/dev/"):
             try:
-                st = os.stat(source)
+                st = os.stat(entry.source)
             except OSError:
                 continue
             if stat.S_ISBLK(st.st_mode):
-                out.setdefault(_dev_id(st.st_rdev), mnt)
+                out.setdefault(_dev_id(st.st_rdev), entry.mount_point)
     return out
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040...)."""
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
 
 
 def _swap_entries() -> list[str]:
@@ -198,7 +189,8 @@ def _swap_entries() -> list[str]:
         lines = Path("/proc/swaps").read_text().splitlines()[1:]
     except FileNotFoundError:
         return []
-    return [_unescape(line.split()[0]) for line in lines if line.split()]
+    # /proc/swaps escapes like mountinfo (space, tab, newline, backslash as octal).
+    return [unescape_octal(line.split()[0]) for line in lines if line.split()]
 
 
 def _swap_ids() -> set[str]:
