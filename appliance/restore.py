@@ -58,14 +58,13 @@ def restore_disks(
     one in use is refused; one holding data needs `force` or `confirm(target)` to say yes.
     Raises UserError before anything is written."""
     names = [r.name for r in ds.disk_readers(repo, point)]
-    if disk:
-        if disk not in names:
-            raise UserError(f"{point.name} has no disk {disk!r} (has {', '.join(names)})")
-        names = [disk]
-    paths = [dest] if len(names) == 1 and not dest.is_dir() else [dest / f"{n}.img" for n in names]
-    for path in paths:
-        _targets.check_target(path, force=force, confirm=confirm)
-    return ds.restore_image(repo, point, dest, disk=disk or None, progress=progress)
+    if disk and disk not in names:
+        raise UserError(f"{point.name} has no disk {disk!r} (has {', '.join(names)})")
+
+    def check(target: Path) -> None:
+        _targets.check_target(target, force=force, confirm=confirm)
+
+    return ds.restore_image(repo, point, dest, disk=disk or None, progress=progress, check=check)
 
 
 def restore_from_image(

@@ -453,8 +453,12 @@ def restore_image(
     *,
     disk: str | None = None,
     progress: Progress | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Write a point's disks to `dest` (a file or device for one disk, else a directory)."""
+    """Write a point's disks to `dest` (a file or device for one disk, else a directory).
+
+    `check(target)` is called for every target before anything is written (a caller's
+    veto: it raises to refuse). A block device is opened O_EXCL: Locked if it is in use."""
     readers = disk_readers(repo, point)
     if disk is not None:
         readers = [r for r in readers if r.name == disk]
@@ -466,6 +470,9 @@ def restore_image(
     else:
         dest.mkdir(parents=True, exist_ok=True)
         targets = [dest / f"{r.name}.img" for r in readers]
+    if check is not None:
+        for target in targets:
+            check(target)
     total = sum(r.size for r in readers)
     done = 0
     for reader, target in zip(readers, targets, strict=True):

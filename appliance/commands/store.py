@@ -258,7 +258,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _confirm_overwrite(target: Target) -> bool:
     """Typed confirmation on the terminal: the target's name, as Clonezilla asks twice."""
     print(f"{target.describe()}; restoring overwrites all of it.", file=sys.stderr)
-    answer = input(f"Type {target.path.name!r} to overwrite it: ")
+    try:
+        answer = input(f"Type {target.path.name!r} to overwrite it: ")
+    except EOFError:
+        return False
     return answer.strip() == target.path.name
 
 
