@@ -190,9 +190,8 @@ class Dest:
                 raise
         else:
             os.unlink(name, dir_fd=parent)
-        # The chain may hold a directory that was just removed (a later path would then
-        # resolve in a detached directory): forget it.
-        self._drop_chain()
+        # The chain ends at `parent` (every caller resolved it just before), so it cannot hold
+        # the entry just removed: nothing cached goes stale.
         return False
 
     def mkdir(self, rel: str) -> None:

@@ -200,3 +200,20 @@ def test_dest_writer_round_trips_undecodable_names(tmp_path: Path, outside: Path
     assert os.listdir(os.fsencode(tmp_path / "d")) == [b"caf\xe9-\xff"]
     assert (tmp_path / "d" / name / name).read_bytes() == b"x"
     _outside_untouched(outside)
+
+
+def test_nested_symlink_in_dest_is_replaced(repo_dir: Path, tmp_path: Path, outside: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b" / "c").mkdir(parents=True)
+    (src / "a" / "b" / "c" / "f").write_bytes(b"deep\n")
+    (src / "a" / "g").write_bytes(b"g\n")
+    p = _backup(repo_dir, src)
+    dest = tmp_path / "dest"
+    (dest / "a").mkdir(parents=True)
+    (dest / "a" / "b").symlink_to(outside)
+    (dest / "a" / "g").symlink_to(outside / "keep.txt")
+    with Repository.open(repo_dir) as repo:
+        restore_tree(repo, p, dest)
+    _outside_untouched(outside)
+    assert (dest / "a" / "b" / "c" / "f").read_bytes() == b"deep\n"
+    assert (dest / "a" / "g").read_bytes() == b"g\n" and not (dest / "a" / "g").is_symlink()
