@@ -91,15 +91,21 @@ def _clear_stale_mount(mnt: Path) -> bool:
     else:
         return False
     if top.fstype != _OUR_FSTYPE or not top.source.startswith(_OUR_SOURCE_PREFIX):
-        raise UserError(f"{mnt}: a stale FUSE mount of {top.source} ({top.fstype}), not ours; "
-                        f"clear it with: fusermount3 -u -z {mnt}")
-    proc = subprocess.run(["fusermount3", "-u", "-z", top.mount_point], capture_output=True,
-                          text=True, check=False)
+        raise UserError(
+            f"{mnt}: a stale FUSE mount of {top.source} ({top.fstype}), not ours; "
+            f"clear it with: fusermount3 -u -z {mnt}"
+        )
+    proc = subprocess.run(
+        ["fusermount3", "-u", "-z", top.mount_point], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
-        raise UserError(f"cannot clear the stale mount at {mnt}: "
-                        f"{proc.stderr.strip() or 'fusermount3 failed'}")
-    print(f"appliance: cleared a stale mount at {mnt} ({top.source}: its server had died)",
-          file=sys.stderr)
+        raise UserError(
+            f"cannot clear the stale mount at {mnt}: {proc.stderr.strip() or 'fusermount3 failed'}"
+        )
+    print(
+        f"appliance: cleared a stale mount at {mnt} ({top.source}: its server had died)",
+        file=sys.stderr,
+    )
     return True
 
 
