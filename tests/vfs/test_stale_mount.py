@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +100,30 @@ def test_mount_clears_a_stale_mount_and_mounts(image_repo: Path, mnt: Path) -> N
     done = _run(image_repo, "umount", str(mnt))
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert not _listed(mnt)
+
+
+FOREIGN_SERVER = """
+import sys, pyfuse3, trio
+pyfuse3.init(pyfuse3.Operations(), sys.argv[1], {"ro", "fsname=someone-else", "subtype=other"})
+print("ready", flush=True)
+trio.run(pyfuse3.main)
+"""
+
+
+def test_a_stale_mount_not_ours_is_left_alone(image_repo: Path, mnt: Path) -> None:
+    """Another program's dead FUSE mount: named, with the command that clears it, not cleared."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREIGN_SERVER, str(mnt)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert _listed(mnt)
+    for cmd in ("umount", "mount"):
+        res = _run(image_repo, cmd, str(mnt))
+        assert res.returncode == 2, res.stderr
+        assert "a stale FUSE mount of someone-else (fuse.other), not ours" in res.stderr
+        assert f"fusermount3 -u -z {mnt}" in res.stderr
+        assert _listed(mnt)
