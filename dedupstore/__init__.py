@@ -21,6 +21,7 @@ This module is the only import surface of the package.
 
 from ._codec import Keys
 from ._config import RepoConfig, parse_size
+from ._dest import Dest, DestMeta, UnsafePath, set_fd_meta, valid_name
 from ._filetree import (
     FileTree,
     TreeEntry,
@@ -89,6 +90,8 @@ __all__ = [
     "ChunkCorrupt",
     "ChunkId",
     "ChunkMissing",
+    "Dest",
+    "DestMeta",
     "DiskReader",
     "FileTree",
     "FormatError",
@@ -113,6 +116,7 @@ __all__ = [
     "StoreError",
     "TreeEntry",
     "TreeStats",
+    "UnsafePath",
     "VerifyReport",
     "WrongPassphrase",
     "backup_image",
@@ -138,9 +142,11 @@ __all__ = [
     "rebuild_index",
     "restore_image",
     "restore_tree",
+    "set_fd_meta",
     "split_ref",
     "stats",
     "sync_overlays",
     "synthesize",
+    "valid_name",
     "verify",
 ]

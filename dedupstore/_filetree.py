@@ -45,6 +45,7 @@ from typing import Any
 import msgpack
 from pyfastcdc.cy import FastCDC
 
+from ._dest import Dest, DestMeta, UnsafePath, set_fd_meta
 from ._imagepoint import worker_count
 from ._index import files_key
 from ._repo import Point, Repository, validate_source_name
@@ -698,107 +699,113 @@ def restore_tree(
     subpath: str = "",
     progress: Progress | None = None,
 ) -> int:
-    """Restore a file-tree point (or one path of it) into directory `dest`. Returns entries."""
+    """Restore a file-tree point (or one path of it) into directory `dest`. Returns the
+    number of entries restored.
+
+    A directory is restored into `dest`; a single file or other entry becomes `dest` (or
+    `dest/NAME` if `dest` is an existing directory). Everything beneath is written through
+    :class:`~dedupstore._dest.Dest`: no symlink in `dest`, nor one this restore creates, is
+    ever followed. An entry that cannot be placed safely (a name such as "..", a path through
+    a symlink, a non-empty directory in its way) is skipped with a WARNING naming it.
+    """
     tree = FileTree(repo, point)
     top = tree.lookup(subpath)
     dest = Path(dest)
     is_root = os.geteuid() == 0
     prefix = top.path
     if top.kind == "dir":
-        dest.mkdir(parents=True, exist_ok=True)
+        root, top_rel = dest, ""
+    elif dest.is_dir():
+        root, top_rel = dest, top.name
     else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        root, top_rel = dest.parent, dest.name
     entries = [
         e for e in tree.walk() if e.path == prefix or not prefix or e.path.startswith(prefix + "/")
     ]
-    first_path: dict[int, Path] = {}
-    dirs: list[tuple[Path, TreeEntry]] = []
-    links: list[tuple[Path, int]] = []
+    first_path: dict[int, str] = {}
+    dirs: list[tuple[str, TreeEntry]] = []
+    links: list[tuple[str, int]] = []
     total = sum(e.size for e in entries if e.kind == "file")
     done = 0
+    skipped = 0
 
-    def write_file(e: TreeEntry, target: Path) -> int:
-        _restore_file(tree, e, target)
-        _apply_meta(target, e, is_root)
+    def write_file(e: TreeEntry, fd: int) -> int:
+        try:
+            _restore_file(tree, e, fd)
+            set_fd_meta(fd, _dest_meta(e), owner=is_root)
+        finally:
+            os.close(fd)
         return e.size
 
+    def skip(exc: UnsafePath) -> None:
+        nonlocal skipped
+        skipped += 1
+        log.warning("%s: not restored: %s", point.name, exc)
+
     # Files are written on a pool (decompression and writes overlap across cores); the
-    # namespace (dirs, links, specials) is created in order on this thread.
-    with ThreadPoolExecutor(worker_count(), thread_name_prefix="restore") as pool:
+    # namespace (dirs, links, specials, new files' fds) is created in order on this thread.
+    with (
+        Dest(root) as out,
+        ThreadPoolExecutor(worker_count(), thread_name_prefix="restore") as pool,
+    ):
         futs: deque[Future[int]] = deque()
         for e in entries:
-            rel = e.path[len(prefix) :].lstrip("/") if prefix else e.path
-            target = dest / rel if rel else dest
-            if top.kind != "dir" and e.path == prefix:
-                target = dest
-            if e.kind == "dir":
-                target.mkdir(exist_ok=True)
-                dirs.append((target, e))
-                continue
-            if target.is_symlink() or target.exists():
-                target.unlink()
-            if e.ino in first_path:
-                links.append((target, e.ino))
-                continue
-            first_path[e.ino] = target
-            if e.kind == "file":
-                futs.append(pool.submit(write_file, e, target))
-                while len(futs) > 8 * worker_count() or (futs and futs[0].done()):
-                    done += futs.popleft().result()
-                    if progress:
-                        progress(done, total)
-                continue
-            if e.kind == "symlink":
-                os.symlink(e.target or "", target)
-            elif e.kind == "fifo":
-                os.mkfifo(target, stat.S_IMODE(e.mode))
-            elif e.kind in ("chr", "blk") and is_root:
-                os.mknod(target, e.mode, e.rdev)
-            else:
-                log.info("not restoring %s %s", e.kind, e.path)
-                del first_path[e.ino]
-                continue
-            _apply_meta(target, e, is_root)
+            sub = e.path[len(prefix) :].lstrip("/") if prefix else e.path
+            rel = f"{top_rel}/{sub}" if top_rel and sub else (top_rel or sub)
+            try:
+                if e.kind == "dir":
+                    out.mkdir(rel)
+                    dirs.append((rel, e))
+                    continue
+                if e.ino in first_path:
+                    links.append((rel, e.ino))
+                    continue
+                if e.kind == "file":
+                    fd = out.create_file(rel)
+                    first_path[e.ino] = rel
+                    futs.append(pool.submit(write_file, e, fd))
+                    while len(futs) > 8 * worker_count() or (futs and futs[0].done()):
+                        done += futs.popleft().result()
+                        if progress:
+                            progress(done, total)
+                    continue
+                if e.kind == "symlink":
+                    out.symlink(rel, e.target or "")
+                elif e.kind == "fifo":
+                    out.mkfifo(rel)
+                elif e.kind in ("chr", "blk") and is_root:
+                    out.mknod(rel, e.mode, e.rdev)
+                else:
+                    log.info("not restoring %s %s", e.kind, e.path)
+                    continue
+                first_path[e.ino] = rel
+                out.set_meta(rel, _dest_meta(e), owner=is_root)
+            except UnsafePath as exc:
+                skip(exc)
         while futs:
             done += futs.popleft().result()
             if progress:
                 progress(done, total)
-    for target, ino in links:
-        os.link(first_path[ino], target)
-    for target, e in reversed(dirs):
-        _apply_meta(target, e, is_root)
-    return len(entries)
+        for rel, ino in links:
+            try:
+                out.link(first_path[ino], rel)
+            except UnsafePath as exc:
+                skip(exc)
+        for rel, e in reversed(dirs):
+            out.set_meta(rel, _dest_meta(e), owner=is_root)
+    return len(entries) - skipped
 
 
-def _restore_file(tree: FileTree, e: TreeEntry, target: Path) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, e.size)
-        for off, length in tree.data_extents(e):
-            pos = off
-            while pos < off + length:
-                n = min(8 * 1024 * 1024, off + length - pos)
-                data = tree.read(e, pos, n)
-                os.pwrite(fd, data, pos)
-                pos += n
-    finally:
-        os.close(fd)
+def _dest_meta(e: TreeEntry) -> DestMeta:
+    return DestMeta(e.mode, e.uid, e.gid, e.atime_ns, e.mtime_ns, e.xattrs)
 
 
-def _apply_meta(target: Path, e: TreeEntry, is_root: bool) -> None:
-    for name, value in e.xattrs.items():
-        try:
-            os.setxattr(target, name, value, follow_symlinks=False)
-        except OSError as exc:
-            log.info("cannot set xattr %s on %s: %s", name, target, exc)
-    if is_root:
-        try:
-            os.chown(target, e.uid, e.gid, follow_symlinks=False)
-        except OSError as exc:
-            log.info("cannot chown %s: %s", target, exc)
-    if e.kind != "symlink":
-        os.chmod(target, stat.S_IMODE(e.mode))
-    try:
-        os.utime(target, ns=(e.atime_ns, e.mtime_ns), follow_symlinks=False)
-    except OSError as exc:
-        log.info("cannot set times on %s: %s", target, exc)
+def _restore_file(tree: FileTree, e: TreeEntry, fd: int) -> None:
+    os.ftruncate(fd, e.size)
+    for off, length in tree.data_extents(e):
+        pos = off
+        while pos < off + length:
+            n = min(8 * 1024 * 1024, off + length - pos)
+            data = tree.read(e, pos, n)
+            os.pwrite(fd, data, pos)
+            pos += n

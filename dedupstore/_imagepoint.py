@@ -34,7 +34,7 @@ import xxhash
 
 from ._blockmap import BlockMap, BlockMapBuilder, zero_runs
 from ._repo import Point, Repository, validate_source_name
-from .errors import InvalidArgument, NotFound, StoreError
+from .errors import InvalidArgument, Locked, NotFound, StoreError
 from .formats import ZERO_FP, ZERO_ID, ChunkId, Kind
 
 log = logging.getLogger(__name__)
@@ -505,8 +505,12 @@ def restore_image(
     *,
     disk: str | None = None,
     progress: Progress | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Write a point's disks to `dest` (a file or device for one disk, else a directory)."""
+    """Write a point's disks to `dest` (a file or device for one disk, else a directory).
+
+    `check(target)` is called for every target before anything is written (a caller's
+    veto: it raises to refuse). A block device is opened O_EXCL: Locked if it is in use."""
     readers = disk_readers(repo, point)
     if disk is not None:
         readers = [r for r in readers if r.name == disk]
@@ -518,6 +522,9 @@ def restore_image(
     else:
         dest.mkdir(parents=True, exist_ok=True)
         targets = [dest / f"{r.name}.img" for r in readers]
+    if check is not None:
+        for target in targets:
+            check(target)
     total = sum(r.size for r in readers)
     done = 0
     for reader, target in zip(readers, targets, strict=True):
@@ -529,8 +536,16 @@ def _restore_disk(
     reader: DiskReader, target: Path, progress: Progress | None, done: int, total: int
 ) -> int:
     is_dev = target.exists() and stat.S_ISBLK(target.stat().st_mode)
-    flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_dev else os.O_CREAT | os.O_TRUNC)
-    fd = os.open(target, flags, 0o644)
+    # O_EXCL on a block device is the kernel's exclusive claim: it fails (EBUSY) while the
+    # device or one of its partitions is mounted or held, and keeps anyone from mounting it
+    # while it is being written.
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_EXCL if is_dev else os.O_CREAT | os.O_TRUNC)
+    try:
+        fd = os.open(target, flags, 0o644)
+    except OSError as exc:
+        if is_dev and exc.errno == errno.EBUSY:
+            raise Locked(f"{target} is in use (mounted or held by another program)") from None
+        raise
     repo = reader.repo
     bs = reader.block_size
     try:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import image
-from dedupstore import InvalidArgument, Point, Repository, disk_readers
+from dedupstore import InvalidArgument, Point, Repository, disk_readers, valid_name
 from dedupstore import NotFound as StoreNotFound
 
 log = logging.getLogger(__name__)
@@ -304,9 +304,9 @@ class TreeNode(Node):
         return dict(self.entry.xattrs or {})
 
 
-def _valid_name(name: str) -> bool:
-    # A damaged filesystem may hold names the kernel would reject or misinterpret.
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+# A damaged filesystem may hold names the kernel would reject or misinterpret; restores skip
+# the same names (one filter: dedupstore.valid_name).
+_valid_name = valid_name
 
 
 # -- points ----------------------------------------------------------------------------------

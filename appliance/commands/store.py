@@ -4,7 +4,6 @@ verify, stats, bench, repair. Thin: parse, open the repository, call dedupstore,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import dedupstore as ds
 
+from .._targets import Target
 from .._ui import Progress, UserError, emit_json, human_bytes
 from ..cli import EXIT_INCOMPLETE, open_repo, passphrase, repo_path
 
@@ -55,6 +55,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("restore", help="restore a point (or one file/dir inside it)")
     p.add_argument("point", help="NAME@ID | NAME@latest [/disk0[/p1/path] | /path]")
     p.add_argument("dest", type=Path)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a disk target that holds data without asking (never one in use)",
+    )
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("synthesize", help="a new full point from the latest of a chain")
@@ -274,6 +279,8 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from .. import restore
+
     ref, _, inner = args.point.partition("/")
     with open_repo(args) as repo:
         point = repo.resolve(ref)
@@ -285,9 +292,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
             else:
                 disk, _, fs_path = inner.partition("/")
                 if fs_path:
-                    msg = _restore_from_image(repo, point, disk, fs_path, args.dest)
+                    res = restore.restore_from_image(repo, point, disk, fs_path, args.dest)
+                    msg = f"restored {res.entries} entries from {res.source} to {res.dest}"
+                    if res.skipped:
+                        msg += f" ({len(res.skipped)} left out: see the warnings above)"
                 else:
-                    out = ds.restore_image(repo, point, args.dest, disk=disk or None, progress=prog)
+                    confirm = _confirm_overwrite if sys.stdin.isatty() else None
+                    out = restore.restore_disks(
+                        repo, point, args.dest, disk=disk or None, force=args.force,
+                        confirm=confirm, progress=prog,
+                    )  # fmt: skip
                     msg = f"restored {point.name} to {', '.join(map(str, out))}"
         finally:
             prog.close()
@@ -295,71 +309,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore_from_image(
-    repo: ds.Repository, point: ds.Point, disk: str, fs_path: str, dest: Path
-) -> str:
-    """File-level restore out of a disk image: POINT/disk0/p1/path/in/fs."""
-    import image
-
-    readers = {r.name: r for r in ds.disk_readers(repo, point)}
-    if disk not in readers:
-        raise UserError(f"{point.name} has no disk {disk!r} (has {', '.join(readers)})")
-    part, _, path = fs_path.partition("/")
-    src: Any = readers[disk]
-    if part != "fs":
-        layout = image.open_disk(src)
-        parts = {p.name: p for p in layout.partitions}
-        if part not in parts:
-            raise UserError(
-                f"{point.name}/{disk} has no partition {part!r} (has {', '.join(parts) or 'none'})"
-            )
-        src = parts[part].source
+def _confirm_overwrite(target: Target) -> bool:
+    """Typed confirmation on the terminal: the target's name, as Clonezilla asks twice."""
+    print(f"{target.describe()}; restoring overwrites all of it.", file=sys.stderr)
     try:
-        fs = image.open_filesystem(src)
-        node = fs.lookup("/" + path)
-        n = _copy_node(node, dest)
-    except image.ImageError as exc:
-        raise UserError(f"{point.name}/{disk}/{part}: {exc}") from exc
-    return f"restored {n} entries from {point.name}/{disk}/{part}/{path} to {dest}"
-
-
-def _copy_node(node: Any, dest: Path) -> int:
-    if node.kind == "dir":
-        dest.mkdir(parents=True, exist_ok=True)
-        n = 1
-        for child in node.listdir():
-            n += _copy_node(child, dest / child.name)
-        _meta(node, dest)
-        return n
-    if node.kind == "symlink":
-        if dest.is_symlink() or dest.exists():
-            dest.unlink()
-        os.symlink(node.readlink(), dest)
-        return 1
-    if node.kind != "file":
-        return 0
-    if dest.is_dir():
-        dest = dest / node.name
-    with open(dest, "wb") as fh:
-        pos = 0
-        while pos < node.size:
-            data = node.read(pos, min(8 << 20, node.size - pos))
-            if not data:
-                break
-            fh.write(data)
-            pos += len(data)
-    _meta(node, dest)
-    return 1
-
-
-def _meta(node: Any, dest: Path) -> None:
-    try:
-        os.chmod(dest, node.mode & 0o7777)
-        os.utime(dest, ns=(node.atime_ns, node.mtime_ns))
-        if os.geteuid() == 0:
-            os.chown(dest, node.uid, node.gid)
-    except OSError:
-        pass
+        answer = input(f"Type {target.path.name!r} to overwrite it: ")
+    except EOFError:
+        return False
+    return answer.strip() == target.path.name
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:

@@ -1,7 +1,10 @@
 """`appliance mount` and `appliance umount`: the FUSE view of the repository.
 
-Owns argument handling, the daemon fork and unmounting. The namespace lives in `vfs.tree`,
-the pyfuse3 server in `vfs.fuse`; this module must not start trio in the parent process.
+Owns argument handling, the daemon fork and unmounting, including clearing a stale mount of
+ours (its daemon was killed: the kernel still lists the mount, every access fails with
+ENOTCONN) with a lazy unmount, which both `mount` and `umount` do and say so. The namespace
+lives in `vfs.tree`, the pyfuse3 server in `vfs.fuse`; this module must not start trio in the
+parent process.
 
 Daemon mode (the default): the parent checks the repository and the point, closes them, then
 forks before anything starts trio or FUSE (an LMDB environment must not cross a fork). The child
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import logging.handlers
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from dedupstore import Repository
 
+from .._mounts import mount_table
 from .._ui import UserError
 from ..cli import passphrase, repo_path
 
@@ -61,6 +66,49 @@ def _passphrase_for(root: Path, args: argparse.Namespace) -> str | None:
     return passphrase(args) if cfg.get("encryption", "none") != "none" else None
 
 
+#: What `appliance mount` mounts: mount_options(fsname="appliance:...") with subtype=appliance.
+_OUR_FSTYPE = "fuse.appliance"
+_OUR_SOURCE_PREFIX = "appliance:"
+
+
+def _clear_stale_mount(mnt: Path) -> bool:
+    """Lazily unmount a stale mount of ours at `mnt`: a FUSE mount whose server is gone (a
+    killed daemon), so every access fails with ENOTCONN and `ismount` says no. Says so in one
+    line on stderr and returns True; False if `mnt` is not a stale mount. A stale FUSE mount
+    that is not ours is left alone: UserError naming the command that clears it."""
+    here = {os.path.abspath(mnt), os.path.join(os.path.realpath(mnt.parent), mnt.name)}
+    entries = [e for e in mount_table() if e.mount_point in here]
+    if not entries or not entries[-1].fstype.startswith("fuse"):
+        return False
+    top = entries[-1]  # the mount on top is the one a lookup of MNT reaches
+    # statfs always reaches the server (stat may be answered from the kernel's attribute
+    # cache for a while after the server died); a dead server's connection is aborted.
+    try:
+        os.statvfs(mnt)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            return False
+    else:
+        return False
+    if top.fstype != _OUR_FSTYPE or not top.source.startswith(_OUR_SOURCE_PREFIX):
+        raise UserError(
+            f"{mnt}: a stale FUSE mount of {top.source} ({top.fstype}), not ours; "
+            f"clear it with: fusermount3 -u -z {mnt}"
+        )
+    proc = subprocess.run(
+        ["fusermount3", "-u", "-z", top.mount_point], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise UserError(
+            f"cannot clear the stale mount at {mnt}: {proc.stderr.strip() or 'fusermount3 failed'}"
+        )
+    print(
+        f"appliance: cleared a stale mount at {mnt} ({top.source}: its server had died)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _check_mountpoint(mnt: Path) -> None:
     if not mnt.is_dir():
         raise UserError(f"{mnt}: not a directory")
@@ -71,6 +119,7 @@ def _check_mountpoint(mnt: Path) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     # resolve() is safe only before mounting: afterwards an lstat of MNT waits for the server.
     mnt = Path(args.mountpoint).resolve()
+    _clear_stale_mount(mnt)
     _check_mountpoint(mnt)
     root = repo_path(args)
     pw = _passphrase_for(root, args)
@@ -175,6 +224,8 @@ def _daemon_logging(log_file: str | None, verbose: int) -> None:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mnt = Path(args.mountpoint).absolute()
+    if _clear_stale_mount(mnt):
+        return 0
     if not os.path.ismount(mnt):
         raise UserError(f"{mnt} is not mounted")
     proc = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True,
