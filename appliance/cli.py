@@ -22,7 +22,7 @@ from ._ui import UserError
 
 log = logging.getLogger("appliance")
 
-COMMAND_MODULES = ("store", "nbd", "vfs", "pxe", "build", "boot", "selftest")
+COMMAND_MODULES = ("store", "key", "nbd", "vfs", "pxe", "build", "boot", "selftest")
 
 
 def repo_path(args: argparse.Namespace) -> Path:

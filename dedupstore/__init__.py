@@ -20,7 +20,23 @@ This module is the only import surface of the package.
 """
 
 from ._codec import Keys
-from ._config import RepoConfig, parse_size
+from ._config import (
+    KEY_FD_ENV,
+    KeyHandoff,
+    KeyInfo,
+    RepoConfig,
+    add_key,
+    change_passphrase,
+    export_keys,
+    import_keys,
+    inherited_keys,
+    list_keys,
+    paper_text,
+    parse_paper,
+    parse_size,
+    remove_key,
+    unlock_keys,
+)
 from ._filetree import FileTree, TreeEntry, TreeStats, backup_tree, open_tree, restore_tree
 from ._imagepoint import (
     DiskReader,
@@ -76,6 +92,7 @@ from .errors import (
 from .formats import ZERO_ID, ChunkId, Kind
 
 __all__ = [
+    "KEY_FD_ENV",
     "ZERO_ID",
     "AlreadyExists",
     "ChunkCorrupt",
@@ -87,6 +104,8 @@ __all__ = [
     "GcReport",
     "ImageStats",
     "InvalidArgument",
+    "KeyHandoff",
+    "KeyInfo",
     "Keys",
     "Kind",
     "Locked",
@@ -107,31 +126,41 @@ __all__ = [
     "TreeStats",
     "VerifyReport",
     "WrongPassphrase",
+    "add_key",
     "backup_image",
     "backup_tree",
+    "change_passphrase",
     "commit_overlay",
     "create_overlay",
     "delete_point",
     "disk_readers",
     "drop_overlay",
+    "export_keys",
     "gc",
+    "import_keys",
+    "inherited_keys",
+    "list_keys",
     "list_overlays",
     "open_overlay",
     "open_tree",
     "overlay_catalogue_lock",
     "overlay_info",
     "overlays_on",
+    "paper_text",
+    "parse_paper",
     "parse_size",
     "parse_until",
     "point_refs",
     "protected_points",
     "prune_plan",
     "rebuild_index",
+    "remove_key",
     "restore_image",
     "restore_tree",
     "split_ref",
     "stats",
     "sync_overlays",
     "synthesize",
+    "unlock_keys",
     "verify",
 ]

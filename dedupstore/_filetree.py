@@ -33,7 +33,6 @@ import msgpack
 from pyfastcdc.cy import FastCDC
 
 from ._imagepoint import worker_count
-from ._index import point_key
 from ._repo import Point, Repository, validate_source_name
 from .errors import ChunkCorrupt, FormatError, InvalidArgument, NotFound
 from .formats import ChunkId, Kind
@@ -265,7 +264,7 @@ class _TreeBackup:
         if "h" in item:  # hard link to an entry already stored
             self._queue(item)
             return
-        ckey = point_key(self.source, rel)
+        ckey = self.repo.index.files_key(self.source, rel)
         sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         if self.use_cache:
             cached = self.repo.index.files_get(self.source, rel)
