@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -56,6 +57,7 @@ PAPER_BYTES_PER_LINE = 16
 KEY_FD_ENV = "APPLIANCE_KEY_FD"
 """Names the inherited pipe a child reads its repository keys from (see KeyHandoff)."""
 _HANDOFF_MAGIC = b"DRKEY1"
+_HANDOFF_MIN_FD = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,8 +496,11 @@ class KeyHandoff:
                      + self.keys.secret)  # fmt: skip
         finally:
             os.close(w)
-        self.fds = (r,)
-        self.env = {KEY_FD_ENV: str(r)}
+        # Above the low numbers a child may claim (nbdkit takes fd 3 for its socket).
+        high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, _HANDOFF_MIN_FD)
+        os.close(r)
+        self.fds = (high,)
+        self.env = {KEY_FD_ENV: str(high)}
 
     def close(self) -> None:
         """Close the parent's copy of the pipe (after the child started)."""
