@@ -4,8 +4,10 @@ with a clear one-line error and a non-zero exit; new passphrases never on the co
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
 from testlib import make_image, run_cli, sha256_file
 
 OLD = {"APPLIANCE_PASSPHRASE": "old pass"}
@@ -70,3 +72,35 @@ def test_key_passwd_add_remove_export_import(tmp_path: Path) -> None:
     run_cli("--repo", p, "init")
     res = run_cli("--repo", p, "key", "list", check=False)
     assert res.returncode != 0 and "not encrypted" in res.stderr
+
+
+def test_mount_daemon_environ_holds_no_passphrase(tmp_path: Path) -> None:
+    """`appliance mount` forks a long-lived daemon: the passphrase it was started with must
+    not be readable in /proc/<pid>/environ for the daemon's life."""
+    if not Path("/dev/fuse").exists():
+        pytest.skip("/dev/fuse missing")
+    r = str(tmp_path / "r")
+    img = make_image(tmp_path / "disk.img", 1)
+    run_cli("--repo", r, "init", "--encryption", "aes-256-gcm", env=OLD)
+    run_cli("--repo", r, "backup", "image", str(img), "--source", "vm1", env=OLD)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_cli("--repo", r, "mount", str(mnt), "vm1@latest", env=OLD)
+    try:
+        daemons = [
+            int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+            and str(mnt).encode() in _read(f"/proc/{pid}/cmdline")
+        ]  # fmt: skip
+        assert daemons
+        for pid in daemons:
+            assert OLD["APPLIANCE_PASSPHRASE"].encode() not in _read(f"/proc/{pid}/environ")
+        assert sha256_file(mnt / "disk0.img") == sha256_file(img)
+    finally:
+        run_cli("umount", str(mnt), check=False)
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""

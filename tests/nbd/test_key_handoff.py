@@ -75,6 +75,8 @@ def test_nbdkit_under_nbd_serve_has_no_passphrase(
     env = {**os.environ, "APPLIANCE_PASSPHRASE": PW}
     with _serve(root, tmp_path / "s.sock", env) as (proc, nbdkit_pid):
         assert PW.encode() not in _environ(nbdkit_pid)
+        # the CLI process itself blanks the value it was given (os.environ keeps its copy)
+        assert PW.encode() not in _environ(proc.pid)
         assert PW.encode() not in Path(f"/proc/{nbdkit_pid}/cmdline").read_bytes()
         _check_export(tmp_path / "s.sock", data, tmp_path / "out.img")
         assert proc.poll() is None
