@@ -89,7 +89,7 @@ def _release_env(path: Path) -> None:
 
 
 def _open_env(path: Path) -> lmdb.Environment:
-    env = lmdb.open(
+    return lmdb.open(
         str(path),
         map_size=MAP_SIZE,
         max_dbs=8,
@@ -98,13 +98,8 @@ def _open_env(path: Path) -> lmdb.Environment:
         lock=True,
         readahead=False,
         max_readers=1024,
-        mode=0o600,  # data.mdb, lock.mdb: the owner's only
+        mode=0o600,  # data.mdb, lock.mdb when created: the owner's only (a umask only removes)
     )
-    for name in ("data.mdb", "lock.mdb"):
-        f = path / name
-        if f.exists() and f.stat().st_uid == os.geteuid() and f.stat().st_mode & 0o077:
-            os.chmod(f, 0o600)  # created under a umask that let more through
-    return env
 
 
 class Index:

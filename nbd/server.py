@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
-from dedupstore import KEY_FD_ENV, KeyHandoff, Keys, sync_overlays, unlock_keys
+from dedupstore import KEY_FD_ENV, KeyHandoff, Keys, StoreError, sync_overlays, unlock_keys
 
 log = logging.getLogger(__name__)
 
@@ -231,16 +231,19 @@ class NbdServer:
         if shutil.which(self.nbdkit) is None:
             raise NbdServerError(f"{self.nbdkit} not found (apt-get install nbdkit "
                                  "nbdkit-plugin-python)")
+        keys = self.keys
+        if keys is None and self.passphrase is not None:
+            try:
+                keys = unlock_keys(self.repo_root, self.passphrase)
+            except StoreError as exc:  # wrong passphrase, no repository: nbdkit never starts
+                raise NbdServerError(str(exc)) from None
         self.run_dir = Path(tempfile.mkdtemp(prefix="appliance-nbd-"))
         pidfile = self.run_dir / "nbdkit.pid"
         env = dict(os.environ)
         env["PYTHONPATH"] = _plugin_pythonpath()
         env["PYTHONNOUSERSITE"] = "1"
-        env.pop("APPLIANCE_PASSPHRASE", None)
+        env.pop("APPLIANCE_PASSPHRASE", None)  # the keys go over a pipe (KeyHandoff)
         env.pop(KEY_FD_ENV, None)
-        keys = self.keys
-        if keys is None and self.passphrase is not None:
-            keys = unlock_keys(self.repo_root, self.passphrase)
         handoff = KeyHandoff(keys)
         env.update(handoff.env)
         stderr: int | IO[bytes] | None
