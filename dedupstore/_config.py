@@ -421,7 +421,7 @@ def parse_paper(text: str) -> dict[str, Any]:
     for raw in text.splitlines():
         line = raw.strip()
         head, sep, rest = line.partition(":")
-        if not sep or not head.strip().isdigit():
+        if not sep or not (head.strip().isascii() and head.strip().isdigit()):
             continue  # the header lines
         no = int(head)
         data, sep2, check = rest.rpartition("-")

@@ -3,11 +3,14 @@ and import (also on paper), the old passphrase refused afterwards, old configs s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from testlib import make_image, sha256_file
 
 from dedupstore import (
@@ -154,3 +157,20 @@ def test_key_handoff_over_a_pipe(enc_repo: tuple[Path, Path]) -> None:
     Repository.create(other, encryption="aes-256-gcm", passphrase="old")
     with pytest.raises(WrongPassphrase, match="another repository"):
         Repository.open(other, keys=got)
+
+
+@given(st.text())
+def test_parse_paper_fuzz(text: str) -> None:
+    """Any typed-in text is a key export or one clear InvalidArgument, nothing else."""
+    with contextlib.suppress(InvalidArgument):
+        parse_paper(text)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=5))
+def test_parse_paper_fuzz_lines(parts: list[bytes]) -> None:
+    """Well-formed lines with valid checks over arbitrary bytes: still only InvalidArgument."""
+    from dedupstore._config import _line_check
+
+    lines = [f"{n}: {p.hex()} - {_line_check(n, p.hex())}" for n, p in enumerate(parts, 1)]
+    with contextlib.suppress(InvalidArgument):
+        parse_paper("\n".join(lines))
