@@ -72,16 +72,22 @@ def register(sub: Any) -> None:
     p = sub.add_parser("lock", help="make a point immutable until a date (locks only extend)")
     p.add_argument("point")
     p.add_argument("--until", help="YYYY-MM-DD (UTC)")
-    p.add_argument("--force", action="store_true",
-                   help="allow shortening a lock (refused in an --immutable repository)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow shortening a lock (refused in an --immutable repository)",
+    )
     p.add_argument("--history", action="store_true", help="show every change of the lock")
     p.add_argument("--json", action="store_true", help="with --history")
     p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("unlock", help="remove a point's lock before it ends (needs --force)")
     p.add_argument("point")
-    p.add_argument("--force", action="store_true",
-                   help="required: a lock is a promise (refused in an --immutable repository)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="required: a lock is a promise (refused in an --immutable repository)",
+    )
     p.set_defaults(func=cmd_unlock)
 
     p = sub.add_parser("delete", help="delete one point (space returns at the next gc)")

@@ -39,8 +39,14 @@ def test_key_passwd_add_remove_export_import(tmp_path: Path) -> None:
     assert "DR Appliance repository key" in paper.read_text()
 
     # passwd: a wrong current passphrase is refused before anything changes
-    bad = run_cli("--repo", r, "key", "passwd", check=False,
-                  env={"APPLIANCE_PASSPHRASE": "nope", "APPLIANCE_NEW_PASSPHRASE": "x"})
+    bad = run_cli(
+        "--repo",
+        r,
+        "key",
+        "passwd",
+        check=False,
+        env={"APPLIANCE_PASSPHRASE": "nope", "APPLIANCE_NEW_PASSPHRASE": "x"},
+    )
     assert bad.returncode != 0 and "wrong passphrase" in bad.stderr
     no_new = run_cli("--repo", r, "key", "passwd", env=OLD, check=False, input="")
     assert no_new.returncode != 0 and "APPLIANCE_NEW_PASSPHRASE" in no_new.stderr
@@ -50,8 +56,15 @@ def test_key_passwd_add_remove_export_import(tmp_path: Path) -> None:
     _restores(r, "new pass", img, out)
 
     # a second key, then remove the first with it
-    run_cli("--repo", r, "key", "add", "--name", "offsite",
-            env={"APPLIANCE_PASSPHRASE": "new pass", "APPLIANCE_NEW_PASSPHRASE": "second"})
+    run_cli(
+        "--repo",
+        r,
+        "key",
+        "add",
+        "--name",
+        "offsite",
+        env={"APPLIANCE_PASSPHRASE": "new pass", "APPLIANCE_NEW_PASSPHRASE": "second"},
+    )
     keys = json.loads(run_cli("--repo", r, "key", "list", "--json").stdout)
     assert [k["name"] for k in keys] == ["default", "offsite"]
     _restores(r, "second", img, out)

@@ -66,9 +66,10 @@ def test_plain_files_cache_of_an_older_encrypted_repository_is_dropped(tmp_path:
     old = Index(root / "index", readonly=False)  # as a version before sealing wrote it
     old.commit(files=[(b"host1\0finance/" + SECRET_NAME.encode(), {"sig": [1, 2, 3, 4]})])
     old.close()
-    with Repository.open(root, passphrase=PW, writable=True) as repo, repo.index.env.begin(
-        db=repo.index.files
-    ) as txn:
+    with (
+        Repository.open(root, passphrase=PW, writable=True) as repo,
+        repo.index.env.begin(db=repo.index.files) as txn,
+    ):
         assert txn.stat(repo.index.files)["entries"] == 0
 
 
@@ -185,6 +186,12 @@ def test_repository_files_are_private_whatever_the_umask(tmp_path: Path) -> None
             if stat.S_IMODE(p.stat().st_mode) != 0o600:
                 loose.append(f"{oct(stat.S_IMODE(p.stat().st_mode))} {p}")
     assert loose == []
-    assert {p.name for p in _files_under(r)} >= {"config.json", "data.mdb", "lock.mdb",
-                                                  "disk0.delta", "disk0.map", "overlay.json"}
+    assert {p.name for p in _files_under(r)} >= {
+        "config.json",
+        "data.mdb",
+        "lock.mdb",
+        "disk0.delta",
+        "disk0.map",
+        "overlay.json",
+    }
     assert sha256_file(img)  # the source stays as it was

@@ -106,8 +106,12 @@ def test_rebuild_of_immutable_repository_keeps_the_latest_end(tmp_path: Path) ->
 
         from dedupstore import Kind
 
-        repo.put(Kind.LOCKREC, msgpack.packb({"lock": p.name, "until": now + DAY,
-                                              "prev": None, "time_ns": time.time_ns()}))
+        repo.put(
+            Kind.LOCKREC,
+            msgpack.packb(
+                {"lock": p.name, "until": now + DAY, "prev": None, "time_ns": time.time_ns()}
+            ),
+        )
         repo.flush()
     shutil.rmtree(root / "index")
     with Repository.open(root, writable=True) as repo:
@@ -146,8 +150,10 @@ def test_cli_immutable_repository(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r" / "config.json").read_text())["immutable"] is True
     run_cli("--repo", r, "backup", "image", str(img), "--source", "vm1")
     run_cli("--repo", r, "lock", "vm1@latest", "--until", "2030-01-01")
-    for args in (("lock", "vm1@latest", "--until", "2029-01-01", "--force"),
-                 ("unlock", "vm1@latest", "--force")):
+    for args in (
+        ("lock", "vm1@latest", "--until", "2029-01-01", "--force"),
+        ("unlock", "vm1@latest", "--force"),
+    ):
         res = run_cli("--repo", r, *args, check=False)
         assert res.returncode != 0 and "immutable" in res.stderr, res.stderr
     res = run_cli("--repo", r, "delete", "vm1@latest", check=False)

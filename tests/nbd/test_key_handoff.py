@@ -37,12 +37,18 @@ def _environ(pid: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _serve(root: Path, sock: Path, env: dict[str, str],
-           pass_fds: tuple[int, ...] = ()) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def _serve(
+    root: Path, sock: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """`appliance nbd serve --socket SOCK`; yields (its process, nbdkit's pid); SIGTERM after."""
-    proc = subprocess.Popen([str(BIN / "appliance"), "--repo", str(root), "nbd", "serve",
-                             "--socket", str(sock)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+    proc = subprocess.Popen(
+        [str(BIN / "appliance"), "--repo", str(root), "nbd", "serve", "--socket", str(sock)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # printed once nbdkit accepts connections
@@ -92,8 +98,10 @@ def test_session_keeper_gets_keys_not_the_passphrase(
     env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_PASSPHRASE"}
     keys = ds.unlock_keys(root, PW)
     assert keys is not None
-    with ds.KeyHandoff(keys) as h, _serve(root, tmp_path / "k.sock", {**env, **h.env},
-                                          pass_fds=h.fds) as (proc, nbdkit_pid):
+    with (
+        ds.KeyHandoff(keys) as h,
+        _serve(root, tmp_path / "k.sock", {**env, **h.env}, pass_fds=h.fds) as (proc, nbdkit_pid),
+    ):
         h.close()  # as the spawner does: only the child holds the pipe now
         for pid in (proc.pid, nbdkit_pid):
             assert PW.encode() not in _environ(pid)
