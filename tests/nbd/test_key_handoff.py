@@ -107,3 +107,31 @@ def test_session_keeper_gets_keys_not_the_passphrase(
             assert PW.encode() not in _environ(pid)
             assert keys.enc_key not in _environ(pid)
         _check_export(tmp_path / "k.sock", data, tmp_path / "out.img")
+
+
+def test_guest_writes_over_nbd_reach_the_disk_encrypted(
+    enc_repo: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    """End to end: a client writes a known pattern into an overlay of an encrypted repository
+    through nbdkit (which got its keys over the pipe); no repository file holds the pattern;
+    the committed point restores exactly what was written."""
+    need("nbdkit", "nbdcopy")
+    root, data = enc_repo
+    env = {**os.environ, "APPLIANCE_PASSPHRASE": PW}
+    run_cli("--repo", str(root), "overlay", "create", "vm1@latest", "--name", "ov", env=env)
+    unit = b"NBD-GUEST-PLAINTEXT-MARKER-0123456789/"
+    written = bytearray(data)
+    pattern = (unit * (len(data) // len(unit) + 1))[: 3 << 20]
+    written[1 << 20 : (1 << 20) + len(pattern)] = pattern
+    src = tmp_path / "new.img"
+    src.write_bytes(written)
+    sock = tmp_path / "w.sock"
+    with _serve(root, sock, env):
+        run(["nbdcopy", str(src), f"nbd+unix:///overlay/ov/disk0?socket={sock}"])
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            assert unit not in (Path(dirpath) / f).read_bytes(), f"plaintext in {f}"
+    run_cli("--repo", str(root), "overlay", "commit", "ov", env=env)
+    out = tmp_path / "out.img"
+    run_cli("--repo", str(root), "restore", "vm1@latest", str(out), env=env)
+    assert out.read_bytes() == written
