@@ -32,7 +32,7 @@ from ._ui import UserError
 
 log = logging.getLogger("appliance")
 
-COMMAND_MODULES = ("store", "nbd", "vfs", "pxe", "build", "boot", "selftest")
+COMMAND_MODULES = ("store", "key", "nbd", "vfs", "pxe", "build", "boot", "selftest")
 
 EXIT_INCOMPLETE = 3  # a backup point was made, but some of the source could not be read
 
@@ -45,6 +45,7 @@ def passphrase(args: argparse.Namespace, *, confirm: bool = False) -> str | None
     """APPLIANCE_PASSPHRASE, else a prompt on a terminal, else None."""
     env = os.environ.get("APPLIANCE_PASSPHRASE")
     if env is not None:
+        _scrub_proc_environ("APPLIANCE_PASSPHRASE")
         return env
     if not sys.stdin.isatty():
         return None
@@ -52,6 +53,35 @@ def passphrase(args: argparse.Namespace, *, confirm: bool = False) -> str | None
     if confirm and getpass.getpass("Repeat passphrase: ") != p:
         raise UserError("passphrases do not match")
     return p
+
+
+def _scrub_proc_environ(name: str) -> None:
+    """Blank `name`'s value in this process's initial environment block.
+
+    /proc/<pid>/environ shows that block, of us and of daemons we fork (`mount`), for the
+    whole life of the process; unsetenv cannot take a secret out of it. os.environ keeps its
+    own copy, so this process still reads the value; children get keys over a pipe
+    (dedupstore.KeyHandoff), never the passphrase. Best effort: a kernel that refuses writes
+    to /proc/self/mem leaves the block as it is.
+    """
+    try:
+        # fields after the command name start at field 3; env_start/env_end are 50 and 51
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            block = mem.read(end - start)
+            key = name.encode() + b"="
+            pos = 0 if block.startswith(key) else block.find(b"\0" + key) + 1
+            if pos == 0 and not block.startswith(key):
+                return
+            value_at = pos + len(key)
+            value_end = block.find(b"\0", value_at)
+            if value_end > value_at:
+                mem.seek(start + value_at)
+                mem.write(b"\0" * (value_end - value_at))
+    except (OSError, ValueError, IndexError) as exc:
+        log.debug("cannot blank %s in /proc/self/environ: %s", name, exc)
 
 
 def _needs_passphrase(root: Path) -> bool:

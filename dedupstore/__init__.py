@@ -20,7 +20,23 @@ This module is the only import surface of the package.
 """
 
 from ._codec import Keys
-from ._config import RepoConfig, parse_size
+from ._config import (
+    KEY_FD_ENV,
+    KeyHandoff,
+    KeyInfo,
+    RepoConfig,
+    add_key,
+    change_passphrase,
+    export_keys,
+    import_keys,
+    inherited_keys,
+    list_keys,
+    paper_text,
+    parse_paper,
+    parse_size,
+    remove_key,
+    unlock_keys,
+)
 from ._dest import Dest, DestMeta, UnsafePath, set_fd_meta, valid_name
 from ._filetree import (
     FileTree,
@@ -85,6 +101,7 @@ from .errors import (
 from .formats import ZERO_ID, ChunkId, Kind
 
 __all__ = [
+    "KEY_FD_ENV",
     "ZERO_ID",
     "AlreadyExists",
     "ChunkCorrupt",
@@ -98,6 +115,8 @@ __all__ = [
     "GcReport",
     "ImageStats",
     "InvalidArgument",
+    "KeyHandoff",
+    "KeyInfo",
     "Keys",
     "Kind",
     "Locked",
@@ -119,27 +138,36 @@ __all__ = [
     "UnsafePath",
     "VerifyReport",
     "WrongPassphrase",
+    "add_key",
     "backup_image",
     "backup_tree",
+    "change_passphrase",
     "commit_overlay",
     "create_overlay",
     "delete_point",
     "disk_readers",
     "display_path",
     "drop_overlay",
+    "export_keys",
     "gc",
+    "import_keys",
+    "inherited_keys",
+    "list_keys",
     "list_overlays",
     "open_overlay",
     "open_tree",
     "overlay_catalogue_lock",
     "overlay_info",
     "overlays_on",
+    "paper_text",
+    "parse_paper",
     "parse_size",
     "parse_until",
     "point_refs",
     "protected_points",
     "prune_plan",
     "rebuild_index",
+    "remove_key",
     "restore_image",
     "restore_tree",
     "set_fd_meta",
@@ -147,6 +175,7 @@ __all__ = [
     "stats",
     "sync_overlays",
     "synthesize",
+    "unlock_keys",
     "valid_name",
     "verify",
 ]

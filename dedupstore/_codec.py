@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import blake3
 import lzo
@@ -86,10 +86,23 @@ def decompress(codec: int, data: bytes, raw_len: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Secret material of an encrypted repository (None for a plain one)."""
+    """Secret material of an encrypted repository (None for a plain one). Never printed."""
 
-    enc_key: bytes  # AES-256-GCM key for chunk payloads
-    id_key: bytes  # HMAC / keyed-BLAKE3 key for chunk ids
+    enc_key: bytes = field(repr=False)  # AES-256-GCM key for chunk payloads
+    id_key: bytes = field(repr=False)  # HMAC / keyed-BLAKE3 key for chunk ids
+    repo_id: str = ""  # the repository they belong to ("" when not known)
+
+    @property
+    def secret(self) -> bytes:
+        """The 64-byte master secret (what a key slot wraps)."""
+        return self.enc_key + self.id_key
+
+    def subkey(self, purpose: str) -> bytes:
+        """A 32-byte key for one purpose (files cache, overlays), derived so that no two uses
+        share a key: HMAC-SHA256 of the purpose, keyed with the id key for names ("... mac")
+        and with the data key for everything that encrypts."""
+        base = self.id_key if purpose.endswith(" mac") else self.enc_key
+        return hmac.digest(base, b"dr-appliance subkey " + purpose.encode(), "sha256")
 
 
 class ChunkCodec:

@@ -47,7 +47,6 @@ from pyfastcdc.cy import FastCDC
 
 from ._dest import Dest, DestMeta, UnsafePath, set_fd_meta
 from ._imagepoint import worker_count
-from ._index import files_key
 from ._repo import Point, Repository, validate_source_name
 from .errors import ChunkCorrupt, FormatError, InvalidArgument, NotFound
 from .formats import ChunkId, Kind
@@ -293,7 +292,7 @@ class _TreeBackup:
         if "h" in item:  # hard link to an entry already stored
             self._queue(item)
             return
-        ckey = files_key(self.source, rel)
+        ckey = self.repo.index.files_key(self.source, rel)
         sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         if self.use_cache:
             cached = self.repo.index.files_get(self.source, rel)

@@ -8,11 +8,19 @@ and ends inside one method call (never held across an await or a callback).
     points   b"<source>\\0<point id>"     -> msgpack {c: manifest chunk id, m: sealed manifest,
                                                      codec, raw, lock: until (unix s) | None}
     meta     name                       -> value (next pack id, pending pack deletions)
-    files    b"<source>\\0<path>"         -> msgpack files-cache record (size, mtime, inode, chunks)
+    files    Index.files_key(source, path) -> files-cache record (size, mtime, inode, chunks)
+
+The files cache is the one place plain paths, sizes and times would sit outside the sealed
+chunks. In an encrypted repository its keys are HMAC-SHA256(files key, source NUL path) and its
+values AES-256-GCM sealed (nonce + ciphertext, the hashed key as associated data), both under
+subkeys of the repository keys; in a plain repository the key is b"<source>\\0<path>" and the
+value plain msgpack. The index directory is 0700 and its files 0600.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 import os
 import struct
 import threading
@@ -22,11 +30,18 @@ from typing import Any
 
 import lmdb
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ._codec import Keys
 from .errors import OutOfSpace, StoreError
 from .formats import CHUNK_LOC, ChunkId
 
+log = logging.getLogger(__name__)
+
 MAP_SIZE = 1 << 40  # virtual; the file grows only as needed
+_FILES_FORMAT_META = "files_cache"
+_FILES_KEYED = "hmac-sha256+aes-256-gcm v1"
 _U64 = struct.Struct(">Q")
 
 
@@ -36,15 +51,6 @@ def pack_key(pack_id: int) -> bytes:
 
 def point_key(source: str, point_id: str) -> bytes:
     return source.encode() + b"\0" + point_id.encode()
-
-
-def files_key(source: str, path: str) -> bytes:
-    """The files-cache key of `path` (a str from os.fsdecode: any Linux name, byte-exact).
-
-    os.fsencode gives the UTF-8 bytes of a valid name (the keys older versions wrote) and the
-    original bytes of a non-UTF-8 one (surrogateescape).
-    """
-    return source.encode() + b"\0" + os.fsencode(path)
 
 
 Loc = tuple[int, int, int, int, int, int]  # pack id, offset, stored_len, raw_len, kind, codec
@@ -92,14 +98,20 @@ def _open_env(path: Path) -> lmdb.Environment:
         lock=True,
         readahead=False,
         max_readers=1024,
+        mode=0o600,  # data.mdb, lock.mdb when created: the owner's only (a umask only removes)
     )
 
 
 class Index:
     """Thin typed layer over the LMDB environment. Thread-safe (py-lmdb, MDB_NOTLS)."""
 
-    def __init__(self, path: Path, *, readonly: bool) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, readonly: bool, keys: Keys | None = None) -> None:
+        """`keys`: the repository's keys in an encrypted repository (the files cache is
+        keyed and sealed with them). Anyone who opens the index of an open repository again
+        (an index rebuild) passes `repo.keys`."""
+        if not path.exists():
+            path.mkdir(parents=True, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
         self.path = path
         self.env = _acquire_env(path)
         self._open = True
@@ -109,6 +121,13 @@ class Index:
         self.points = self.env.open_db(b"points")
         self.meta = self.env.open_db(b"meta")
         self.files = self.env.open_db(b"files")
+        self._files_mac: bytes | None = None
+        self._files_aead: AESGCM | None = None
+        if keys is not None:
+            self._files_mac = keys.subkey("files-cache mac")
+            self._files_aead = AESGCM(keys.subkey("files-cache"))
+            if not readonly and self.get_meta(_FILES_FORMAT_META) != _FILES_KEYED:
+                self._drop_plain_files_cache()
 
     def close(self) -> None:
         if self._open:
@@ -187,10 +206,44 @@ class Index:
         return None if raw is None else msgpack.unpackb(raw)
 
     # -- files cache --------------------------------------------------------------------
-    def files_get(self, source: str, path: str) -> dict[str, Any] | None:
+    def files_key(self, source: str, path: str | bytes) -> bytes:
+        """The files-cache key of `path` (str, or the raw bytes of a non-UTF-8 name) in
+        `source`: keyed-hashed in an encrypted repository, plain otherwise."""
+        raw = source.encode() + b"\0" + (path if isinstance(path, bytes) else os.fsencode(path))
+        if self._files_mac is None:
+            return raw
+        return hmac.digest(self._files_mac, raw, "sha256")
+
+    def files_get(self, source: str, path: str | bytes) -> dict[str, Any] | None:
+        key = self.files_key(source, path)
         with self.env.begin(db=self.files) as txn:
-            raw = txn.get(files_key(source, path))
-        return None if raw is None else msgpack.unpackb(raw)
+            raw = txn.get(key)
+        return None if raw is None else self._files_open(key, bytes(raw))
+
+    def _files_seal(self, key: bytes, rec: dict[str, Any]) -> bytes:
+        data = msgpack.packb(rec)
+        if self._files_aead is None:
+            return bytes(data)
+        nonce = os.urandom(12)
+        return nonce + self._files_aead.encrypt(nonce, data, key)
+
+    def _files_open(self, key: bytes, raw: bytes) -> dict[str, Any] | None:
+        """Decode a files-cache value; a damaged one is a cache miss (the file is re-read)."""
+        try:
+            if self._files_aead is not None:
+                raw = self._files_aead.decrypt(raw[:12], raw[12:], key)
+            rec = msgpack.unpackb(raw)
+        except (InvalidTag, ValueError, msgpack.UnpackException) as exc:
+            log.debug("files cache entry unreadable (%s): ignored", exc)
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _drop_plain_files_cache(self) -> None:
+        """An encrypted repository written before the files cache was sealed holds plain
+        paths there: drop them (it is only a cache) and mark the cache as keyed."""
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.files, delete=False)
+            txn.put(_FILES_FORMAT_META.encode(), msgpack.packb(_FILES_KEYED), db=self.meta)
 
     # -- writes -------------------------------------------------------------------------
     def commit(
@@ -253,7 +306,7 @@ class Index:
                 if rec is None:
                     txn.delete(key, db=self.files)
                 else:
-                    txn.put(key, msgpack.packb(rec), db=self.files)
+                    txn.put(key, self._files_seal(key, rec), db=self.files)
 
     def clear_all(self) -> None:
         with self.env.begin(write=True) as txn:

@@ -16,7 +16,7 @@ def take_flock(path: Path, *, purpose: str, busy: str) -> int:
     The holder writes "<purpose> by pid N since HH:MM:SS" into the file so the next one can
     say who has it. Returns the fd; closing it releases the lock.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

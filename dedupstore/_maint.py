@@ -24,7 +24,7 @@ from ._imagepoint import block_map, worker_count
 from ._index import Index, point_key
 from ._overlay import list_overlays, overlay_catalogue_lock, overlays_on
 from ._pack import pack_path, read_header, scan_pack
-from ._repo import Point, Repository
+from ._repo import Point, Repository, restored_lock
 from .errors import (
     ChunkCorrupt,
     ChunkMissing,
@@ -459,11 +459,12 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
                 records.append((path, e.chunk_id, loc))
         if progress:
             progress(n, len(paths))
-    # Decode catalogue records. Tombstones win over manifests; the newest lock record wins.
+    # Decode catalogue records. Tombstones win over manifests; the newest lock record wins
+    # (in an immutable repository the latest end date: locks there only extend).
     manifests: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     tombs: dict[str, int] = {}  # point name -> time of its deletion
     last_ids: dict[str, str] = {}
-    locks: dict[str, tuple[int, float | None]] = {}
+    locks: dict[str, list[dict[str, Any]]] = {}
     for path, cid, loc in records:
         try:
             with open(path, "rb") as fh:
@@ -484,9 +485,7 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
             name = str(obj["tombstone"])
             tombs[name] = max(tombs.get(name, 0), int(obj["time_ns"]))
         else:
-            prev = locks.get(str(obj["lock"]))
-            if prev is None or obj["time_ns"] > prev[0]:
-                locks[str(obj["lock"])] = (int(obj["time_ns"]), obj["until"])
+            locks.setdefault(str(obj["lock"]), []).append(obj)
     point_rows: list[tuple[bytes, dict[str, Any] | None]] = []
     for name, (obj, rec) in manifests.items():
         src = str(obj["source"])
@@ -495,13 +494,13 @@ def rebuild_index(repo: Repository, progress: Progress | None = None) -> Rebuild
             rep.deleted_points += 1
             continue
         if name in locks:
-            rec["lock"] = locks[name][1]
+            rec["lock"], rec["locks"] = restored_lock(locks[name], immutable=repo.config.immutable)
         point_rows.append((point_key(str(obj["source"]), str(obj["id"])), rec))
     old = repo.root / "index.old"
     shutil.rmtree(old, ignore_errors=True)
     repo.index.close()
     os.rename(repo.root / "index", old)
-    repo.index = Index(repo.root / "index", readonly=False)
+    repo.index = Index(repo.root / "index", readonly=False, keys=repo.keys)
     rows = list(chunk_rows.items())
     for i in range(0, len(rows), 200_000):
         repo.index.commit(chunks=rows[i : i + 200_000])

@@ -14,12 +14,29 @@ Layout of one overlay (`<repo>/overlays/<name>/`)::
     <disk>.delta    sparse file as large as the disk; blocks whose map byte is DELTA live here
     <disk>.map      one byte per block: 0 = BASE (read the point), 1 = DELTA, 2 = ZERO
 
+Every file is 0600 and every directory 0700 (guest data is no one else's to read).
+
+Encrypted repositories (overlay.json "v": 2, "cipher": "aes-256-gcm", "salt"): guest writes
+never reach the disk in plaintext. Each block has two slots in `<disk>.delta`, slot s of block b
+at (2*b + s) * (block_size + 28), each holding nonce (12 B) + AES-256-GCM(block) + tag (16 B)
+under a key derived from the repository's data key and the overlay's salt, with the disk name
+and block number as associated data (a block cannot be moved to another place). Map byte 1
+(DELTA) = slot 0, 3 (DELTA_B) = slot 1. A slot whose nonce is all zeros was never written or
+was punched: it reads as zeros, as a punched plain delta does.
+
 Write ordering: a block's data reaches `<disk>.delta` (pwrite) before its map byte changes, so a
 killed server (kill -9: the page cache survives) never maps a block to data it did not write.
 `flush()` = fdatasync(delta) then fdatasync(map): every write completed before a flush survives
 a power loss. A block that changed from BASE to DELTA after the last flush may, after a power loss
 (not a process crash), read as zeros: NBD leaves unflushed writes undefined, and clients that
 care (file systems, QEMU) flush.
+
+An encrypted block is never rewritten in place (a torn write would fail its tag and turn the
+block into an I/O error): a write goes to the slot the current map does not point to, then the
+map byte flips. So a killed server leaves the old or the new block, both whole. For power loss
+the slot the last flush made durable is kept too: when a block would be written a second time
+since the last flush (its other slot is the durable one), the overlay flushes first. The map is
+written to its file before memory, so `flush` can record what it made durable from memory.
 
 Concurrency: one process at a time has an overlay open (flock on `lock`; a second opener gets
 `Locked`). Inside that process an `Overlay` is thread-safe: requests for different blocks run in
@@ -52,8 +69,11 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._blockmap import BlockMapBuilder, zero_runs
+from ._codec import Keys
 from ._imagepoint import DiskReader, disk_readers
 from ._lockfile import take_flock
 from ._repo import Point, Repository
@@ -69,8 +89,14 @@ CATALOGUE_LOCK = ".lock"
 
 # Map byte values (one per block).
 BASE = 0
-DELTA = 1
+DELTA = 1  # encrypted overlays: slot 0
 ZERO = 2
+DELTA_B = 3  # encrypted overlays only: slot 1
+
+SEAL_BYTES = 12 + 16  # nonce + GCM tag of an encrypted block slot
+_NO_NONCE = bytes(12)
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 _LOCK_STRIPES = 256
 """Partial-block writes lock `block % _LOCK_STRIPES`: enough parallelism for NBD's request
@@ -120,6 +146,8 @@ class OverlayInfo:
     path: Path
     in_use: bool = False
     changed_blocks: int = 0
+    encrypted: bool = False
+    """Guest writes are sealed in the delta (overlays of encrypted repositories)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +164,7 @@ class OverlayInfo:
             "path": str(self.path),
             "in_use": self.in_use,
             "changed_blocks": self.changed_blocks,
+            "encrypted": self.encrypted,
         }
 
 
@@ -154,7 +183,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:
     """Replace overlay.json atomically (write, fsync, rename)."""
     tmp = path / f".{META_FILE}.tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -188,6 +219,7 @@ def _info_from(path: Path, meta: dict[str, Any], *, live: bool) -> OverlayInfo:
         path=path,
         in_use=in_use,
         changed_blocks=changed,
+        encrypted="cipher" in meta,
     )
 
 
@@ -205,6 +237,55 @@ def _is_locked(lock_path: Path) -> bool:
     return False
 
 
+def _private_dir(path: Path) -> None:
+    """mkdir (if missing) with mode 0700 whatever the umask."""
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
+
+
+def _new_private_file(path: Path, size: int) -> None:
+    """Create `path` (0600 whatever the umask) with `size` bytes of holes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+class _DeltaCipher:
+    """Seals and opens the block slots of one encrypted overlay disk. Thread-safe."""
+
+    def __init__(self, keys: Keys, salt_hex: str, disk: str, block_size: int) -> None:
+        self._aead = AESGCM(keys.subkey(f"overlay {salt_hex}"))
+        self.stride = block_size + SEAL_BYTES
+        self._aad = b"dr-appliance overlay v2\0" + disk.encode() + b"\0"
+
+    def offset(self, block: int, slot: int) -> int:
+        return (2 * block + slot) * self.stride
+
+    def seal(self, block: int, data: bytes | bytearray | memoryview) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(
+            nonce, bytes(data), self._aad + block.to_bytes(8, "little")
+        )
+
+    def open(self, block: int, blob: bytes, length: int) -> bytes:
+        if blob[:12] == _NO_NONCE:
+            return bytes(length)  # never written, or punched: zeros
+        if len(blob) != length + SEAL_BYTES:
+            raise StoreError(f"overlay block {block}: delta file is short")
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], self._aad + block.to_bytes(8, "little"))
+        except InvalidTag:
+            raise StoreError(
+                f"overlay block {block}: authentication failed (damaged delta)"
+            ) from None
+
+
 def _take_overlay_lock(path: Path, purpose: str) -> int:
     """Exclusive, non-blocking flock on `<overlay>/lock`. Raises Locked with the holder."""
     return take_flock(path / LOCK_FILE, purpose=purpose, busy=f"overlay {path.name} is in use")
@@ -219,8 +300,8 @@ def overlay_catalogue_lock(repo: Repository) -> Iterator[None]:
     around resolving its base point and publishing the overlay. Blocks until acquired.
     """
     root = _overlays_root(repo)
-    root.mkdir(exist_ok=True)
-    fd = os.open(root / CATALOGUE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _private_dir(root)
+    fd = os.open(root / CATALOGUE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -240,7 +321,7 @@ def create_overlay(repo: Repository, point_ref: str, name: str) -> OverlayInfo:
     """
     validate_overlay_name(name)
     root = _overlays_root(repo)
-    root.mkdir(exist_ok=True)
+    _private_dir(root)
     final = root / name
     if final.exists():
         raise AlreadyExists(f"overlay {name!r} already exists")
@@ -249,19 +330,21 @@ def create_overlay(repo: Repository, point_ref: str, name: str) -> OverlayInfo:
         if point.kind != "image":
             raise InvalidArgument(f"{point.name} is a {point.kind} point: overlays need an image")
         tmp = root / f".new-{name}-{os.getpid()}-{threading.get_ident()}"
-        tmp.mkdir()
+        tmp.mkdir(mode=DIR_MODE)
+        os.chmod(tmp, DIR_MODE)
+        encrypted = repo.keys is not None
         try:
             disks = []
             for d in point.manifest["disks"]:
                 size, bs = int(d["size"]), int(d["block_size"])
                 n_blocks = (size + bs - 1) // bs
-                with open(tmp / f"{d['name']}.delta", "wb") as f:
-                    f.truncate(size)  # sparse: costs nothing until written
-                with open(tmp / f"{d['name']}.map", "wb") as f:
-                    f.truncate(n_blocks)  # all BASE
+                # sparse: costs nothing until written
+                delta_size = 2 * n_blocks * (bs + SEAL_BYTES) if encrypted else size
+                _new_private_file(tmp / f"{d['name']}.delta", delta_size)
+                _new_private_file(tmp / f"{d['name']}.map", n_blocks)  # all BASE
                 disks.append({"name": str(d["name"]), "size": size, "block_size": bs})
-            meta = {
-                "v": 1,
+            meta: dict[str, Any] = {
+                "v": 2 if encrypted else 1,
                 "name": name,
                 "base": point.name,
                 "source": point.source,
@@ -271,8 +354,11 @@ def create_overlay(repo: Repository, point_ref: str, name: str) -> OverlayInfo:
                 "disks": disks,
                 "commits": [],
             }
+            if encrypted:
+                meta["cipher"] = "aes-256-gcm"
+                meta["salt"] = os.urandom(16).hex()
             _write_meta(tmp, meta)
-            (tmp / LOCK_FILE).touch()
+            _new_private_file(tmp / LOCK_FILE, 0)
             try:
                 os.rename(tmp, final)  # atomic publish; fails if `final` appeared meanwhile
             except OSError as exc:
@@ -366,7 +452,13 @@ class OverlayDisk:
     Reads of damaged base blocks raise ChunkMissing / ChunkCorrupt; never wrong data.
     """
 
-    def __init__(self, path: Path, base: DiskReader, info: OverlayDiskInfo) -> None:
+    def __init__(
+        self,
+        path: Path,
+        base: DiskReader,
+        info: OverlayDiskInfo,
+        cipher: _DeltaCipher | None = None,
+    ) -> None:
         self.name = info.name
         self.size = info.size
         self.block_size = info.block_size
@@ -385,6 +477,12 @@ class OverlayDisk:
             )
         self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._closed = False
+        self._cipher = cipher
+        if cipher is not None:
+            # What a power loss keeps: make it so now, then track it (see the module doc).
+            os.fdatasync(self._delta_fd)
+            os.fdatasync(self._map_fd)
+        self._durable = bytes(self._map)
 
     # -- helpers ------------------------------------------------------------------------
     def size_bytes(self) -> int:
@@ -399,8 +497,14 @@ class OverlayDisk:
     def _block_len(self, b: int) -> int:
         return min(self.block_size, self.size - b * self.block_size)
 
-    def _read_block(self, b: int) -> bytes:
+    def _read_block(self, b: int, *, locked: bool = False) -> bytes:
+        """Block `b` as it reads now. `locked`: the caller holds b's stripe lock."""
         state = self._map[b]
+        if self._cipher is not None and state in (DELTA, DELTA_B):
+            if locked:
+                return self._read_slot(b)
+            with self._stripes[b % _LOCK_STRIPES]:  # no writer reuses the slot meanwhile
+                return self._read_slot(b)
         if state == DELTA:
             n = self._block_len(b)
             data = os.pread(self._delta_fd, n, b * self.block_size)
@@ -411,10 +515,51 @@ class OverlayDisk:
             return bytes(self._block_len(b))
         return self._base.block(b)
 
+    def _read_slot(self, b: int) -> bytes:
+        """An encrypted block (stripe lock held), or its base/zeros if it changed meanwhile."""
+        assert self._cipher is not None
+        state = self._map[b]
+        if state not in (DELTA, DELTA_B):
+            return self._read_block(b, locked=True)
+        n = self._block_len(b)
+        blob = os.pread(self._delta_fd, n + SEAL_BYTES, self._cipher.offset(b, state // 2))
+        return self._cipher.open(b, blob, n)
+
+    def _target_slot(self, b: int) -> int:
+        """The slot an encrypted write of block `b` goes to (stripe lock held): never the
+        one the map points to, nor the one the last flush made durable (flush first)."""
+        cur, dur = self._map[b], self._durable[b]
+        cur_slot = cur // 2 if cur in (DELTA, DELTA_B) else None
+        dur_slot = dur // 2 if dur in (DELTA, DELTA_B) else None
+        if cur_slot is None:
+            return 0 if dur_slot is None else 1 - dur_slot
+        if 1 - cur_slot == dur_slot:
+            self.flush()  # the current slot becomes the durable one
+        return 1 - cur_slot
+
+    def _put_blocks(self, first: int, data: memoryview | bytearray) -> None:
+        """Write whole blocks starting at `first` (the last may be the short tail), data
+        before map. Stripe locks of the blocks are held."""
+        bs = self.block_size
+        n = (len(data) + bs - 1) // bs
+        if self._cipher is None:
+            os.pwrite(self._delta_fd, data, first * bs)
+            self._set_map(first, bytes([DELTA]) * n)
+            return
+        states = bytearray(n)
+        for i in range(n):
+            b = first + i
+            slot = self._target_slot(b)
+            blob = self._cipher.seal(b, data[i * bs : (i + 1) * bs])
+            os.pwrite(self._delta_fd, blob, self._cipher.offset(b, slot))
+            states[i] = DELTA_B if slot else DELTA
+        self._set_map(first, bytes(states))
+
     def _set_map(self, first: int, states: bytes) -> None:
-        """Publish map bytes for blocks [first, first+len(states)): after their data."""
-        self._map[first : first + len(states)] = states
+        """Publish map bytes for blocks [first, first+len(states)): after their data. The file
+        first, then memory: what `flush` sees in memory is in the file's page cache."""
         os.pwrite(self._map_fd, states, first)
+        self._map[first : first + len(states)] = states
 
     @contextlib.contextmanager
     def _locked(self, first: int, last: int) -> Iterator[None]:
@@ -441,7 +586,7 @@ class OverlayDisk:
             b = pos // bs
             start = pos - b * bs
             take = min(end - pos, self._block_len(b) - start)
-            if self._map[b] == DELTA:
+            if self._map[b] == DELTA and self._cipher is None:
                 # read just the slice: no need to fetch the whole block
                 data = os.pread(self._delta_fd, take, pos)
                 if len(data) != take:
@@ -478,7 +623,7 @@ class OverlayDisk:
             for b in sorted({first, last - 1}):
                 if full_first <= b < full_last:
                     continue
-                old = bytearray(self._read_block(b))
+                old = bytearray(self._read_block(b, locked=True))
                 lo = max(offset, b * bs) - b * bs
                 hi = min(end, b * bs + len(old)) - b * bs
                 if data is None:
@@ -489,8 +634,7 @@ class OverlayDisk:
                 if data is None and not any(old):
                     self._zero_blocks(b, b + 1)
                 else:
-                    os.pwrite(self._delta_fd, old, b * bs)
-                    self._set_map(b, bytes([DELTA]))
+                    self._put_blocks(b, old)
             # 2. whole blocks: one write, then their map bytes
             if full_first < full_last:
                 if data is None:
@@ -498,24 +642,28 @@ class OverlayDisk:
                 else:
                     lo = full_first * bs - offset
                     hi = min(full_last * bs, self.size) - offset
-                    os.pwrite(self._delta_fd, data[lo:hi], full_first * bs)
-                    self._set_map(full_first, bytes([DELTA]) * (full_last - full_first))
+                    self._put_blocks(full_first, data[lo:hi])
 
     def _zero_blocks(self, first: int, last: int) -> None:
         """Mark blocks ZERO, then free their delta space (map first: a read racing the punch
         then sees ZERO or still-valid delta data, both zeros)."""
         self._set_map(first, bytes([ZERO]) * (last - first))
         bs = self.block_size
-        length = min(last * bs, self.size) - first * bs
+        start, length = first * bs, min(last * bs, self.size) - first * bs
+        if self._cipher is not None:  # both slots of each block
+            start = self._cipher.offset(first, 0)
+            length = self._cipher.offset(last, 0) - start
         try:
-            _punch_hole(self._delta_fd, first * bs, length)
+            _punch_hole(self._delta_fd, start, length)
         except OSError as exc:  # not fatal: the map already says ZERO
             log.debug("punch hole in %s failed: %s", self.name, exc)
 
     def flush(self) -> None:
         """Make every completed write durable: fdatasync the delta, then the map."""
+        snapshot = bytes(self._map)  # every flip in it is already in the map file
         os.fdatasync(self._delta_fd)
         os.fdatasync(self._map_fd)
+        self._durable = snapshot
 
     def extents(
         self, offset: int = 0, length: int | None = None
@@ -579,12 +727,19 @@ class Overlay:
         self._lock_fd: int | None = lock_fd
         self.disks: list[OverlayDisk] = []
         try:
+            meta = _read_meta(info.path)
+            salt = meta.get("salt") if meta.get("cipher") == "aes-256-gcm" else None
+            if meta.get("cipher") is not None and (salt is None or repo.keys is None):
+                raise StoreError(f"overlay {info.name}: encrypted, and this repository is not")
             readers = {r.name: r for r in disk_readers(repo, base)}
             for d in info.disks:
                 reader = readers.get(d.name)
                 if reader is None:
                     raise StoreError(f"overlay {info.name}: base {base.name} has no {d.name}")
-                self.disks.append(OverlayDisk(info.path, reader, d))
+                cipher = None
+                if salt is not None and repo.keys is not None:
+                    cipher = _DeltaCipher(repo.keys, str(salt), d.name, d.block_size)
+                self.disks.append(OverlayDisk(info.path, reader, d, cipher))
         except BaseException:
             self.close()
             raise
@@ -692,7 +847,7 @@ def commit_overlay(repo: Repository, name: str, *, label: str | None = None) -> 
                     builder.add(ZERO_ID, ZERO_FP)
                     stats["zero_blocks"] += 1
                     continue
-                blk = os.pread(disk._delta_fd, disk._block_len(b), b * bs)
+                blk = disk._read_block(b)
                 if not any(blk):
                     builder.add(ZERO_ID, ZERO_FP)
                     stats["zero_blocks"] += 1

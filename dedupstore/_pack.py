@@ -51,6 +51,22 @@ def pack_path(root: Path, tier: str, pack_id: int) -> Path:
     return root / "packs" / tier / name[-2:] / (name + PACK_SUFFIX)
 
 
+def make_private_dirs(path: Path) -> None:
+    """`mkdir -p` where every directory created is 0700 whatever the umask (the existing
+    ones are left as they are)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another writer made it meanwhile
+        os.chmod(d, 0o700)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -66,8 +82,9 @@ class PackWriter:
         self.pack_id = pack_id
         self.tier = tier
         self.path = pack_path(root, tier, pack_id)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        make_private_dirs(self.path.parent)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fchmod(self._fd, 0o600)  # the owner's only, whatever the umask
         self._buf: list[bytes] = []
         self._buffered = 0
         self.entries: list[PackEntry] = []

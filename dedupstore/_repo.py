@@ -27,8 +27,16 @@ from typing import Any
 
 import msgpack
 
-from ._codec import ChunkCodec, parse_compression
-from ._config import RepoConfig, new_config, read_config, unwrap_keys, write_config
+from ._codec import ChunkCodec, Keys, parse_compression
+from ._config import (
+    DIR_MODE,
+    RepoConfig,
+    check_keys,
+    new_config,
+    read_config,
+    unwrap_keys,
+    write_config,
+)
 from ._index import Index, Loc, point_key
 from ._lockfile import take_flock
 from ._pack import PackWriter, pack_path, scan_pack
@@ -148,7 +156,12 @@ class Repository:
         compression: str = "zstd",
         encryption: str = "none",
         passphrase: str | None = None,
+        immutable: bool = False,
     ) -> None:
+        """Create an empty repository at `root` (absent or empty). Every directory is made
+        0700 and every file 0600, whatever the umask: packs and the index are no one else's
+        to read. `immutable` (Veeam's hardened repository): a lock can only be extended and a
+        locked point never deleted, not even with force; it can never be turned off."""
         root = Path(root)
         if (root / "config.json").exists():
             raise InvalidArgument(f"a repository already exists at {root}")
@@ -161,24 +174,38 @@ class Repository:
             compression=f"{codec.name.lower()},{level}",
             encryption=encryption,
             passphrase=passphrase,
+            immutable=immutable,
         )
         root.mkdir(parents=True, exist_ok=True)
-        (root / "packs").mkdir(exist_ok=True)
+        os.chmod(root, DIR_MODE)
+        (root / "packs").mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(root / "packs", DIR_MODE)
         Index(root / "index", readonly=False).close()
         write_config(root, cfg)
 
     @classmethod
     def open(
-        cls, root: Path, *, passphrase: str | None = None, writable: bool = False
+        cls,
+        root: Path,
+        *,
+        passphrase: str | None = None,
+        writable: bool = False,
+        keys: Keys | None = None,
     ) -> Repository:
+        """Open the repository at `root`. An encrypted one needs its `passphrase`, or its
+        already unwrapped `keys` (handed over by a parent: `inherited_keys`). Raises NotFound,
+        WrongPassphrase, FormatError, Locked (writable: another writer runs)."""
         root = Path(root)
         cfg = read_config(root)
-        keys = unwrap_keys(cfg, passphrase)
+        if keys is not None and cfg.key is not None:
+            check_keys(cfg, keys)
+        else:
+            keys = unwrap_keys(cfg, passphrase)
         codec_id, level = parse_compression(cfg.compression)
         codec = ChunkCodec(cfg.hash, codec_id, level, keys)
         lock_fd = _take_writer_lock(root) if writable else None
         try:
-            index = Index(root / "index", readonly=not writable)
+            index = Index(root / "index", readonly=not writable, keys=keys)
         except Exception:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -211,6 +238,11 @@ class Repository:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+    @property
+    def keys(self) -> Keys | None:
+        """The unwrapped keys (None: unencrypted), e.g. to hand to a child: KeyHandoff."""
+        return self.codec.keys
 
     @property
     def writable(self) -> bool:
@@ -525,23 +557,105 @@ class Repository:
 
     def delete_point(self, point: Point, *, force: bool = False) -> None:
         self._need_writer()
-        if point.locked_until and point.locked_until > time.time() and not force:
-            until = time.strftime("%Y-%m-%d", time.gmtime(point.locked_until))
-            raise Locked(f"{point.name} is locked until {until}")
+        self._check_unlocked(point, force=force)
         tomb = {"tombstone": point.name, "time_ns": time.time_ns()}
         self.put(Kind.TOMBSTONE, msgpack.packb(tomb))
         self.flush(points=[(point_key(point.source, point.id), None)])
 
-    def lock_point(self, point: Point, until: float | None) -> Point:
+    def _check_unlocked(self, point: Point, *, force: bool) -> None:
+        """Refuse to delete a locked point: always in an immutable repository, else unless
+        `force`. The lock is read from the index, not from a possibly stale `point`."""
+        rec = self.index.point_record(point.source, point.id)
+        until = rec.get("lock") if rec is not None else point.locked_until
+        if not until or until <= time.time():
+            return
+        day = _day(until)
+        if self.config.immutable:
+            raise Locked(f"{point.name} is locked until {day} in an immutable repository: "
+                         "it cannot be deleted before then")  # fmt: skip
+        if not force:
+            raise Locked(f"{point.name} is locked until {day}")
+
+    def lock_point(self, point: Point, until: float | None, *, force: bool = False) -> Point:
+        """Lock `point` until `until` (unix s), or remove its lock (`until=None`).
+
+        A lock only ever extends: shortening or removing a lock that has not expired needs
+        `force`, and is refused outright in an immutable repository. A date in the past
+        without a current lock is a mistake (InvalidArgument). Every change is recorded: a
+        LOCKREC chunk (what `rebuild_index` restores from) and the point's lock history in
+        the index (`lock_history`). Raises Locked, InvalidArgument, NotFound. Writer only.
+        """
         self._need_writer()
         rec = self.index.point_record(point.source, point.id)
         if rec is None:
             raise NotFound(f"no point {point.name}")
+        now = time.time()
+        current = rec.get("lock")
+        shortens = current is not None and current > now and (until is None or until < current)
+        if shortens:
+            what = "remove it" if until is None else f"shorten it to {_day(until)}"
+            if self.config.immutable:
+                raise Locked(
+                    f"{point.name} is locked until {_day(current)} in an immutable "
+                    "repository: a lock can only be extended"
+                )
+            if not force:
+                raise Locked(
+                    f"{point.name} is locked until {_day(current)}: a lock can only be "
+                    f"extended (to {what} anyway: --force)"
+                )
+        elif until is not None and until <= now and not force:
+            raise InvalidArgument(f"{_day(until)} is in the past: a lock must end in the future")
+        now_ns = time.time_ns()
+        entry = {"until": until, "prev": current, "time_ns": now_ns, "forced": shortens}
         rec["lock"] = until
-        lockrec = {"lock": point.name, "until": until, "time_ns": time.time_ns()}
+        rec["locks"] = [*rec.get("locks", []), entry]
+        lockrec = {"lock": point.name, **entry}
         self.put(Kind.LOCKREC, msgpack.packb(lockrec))
         self.flush(points=[(point_key(point.source, point.id), rec)])
+        if shortens:
+            log.warning("lock of %s changed by force: %s -> %s", point.name, _day(current),
+                        _day(until))  # fmt: skip
+        else:
+            log.info("lock of %s: %s -> %s", point.name, _day(current), _day(until))
         return Point(point.source, point.id, point.manifest, point.manifest_id, until)
+
+    def lock_history(self, point: Point) -> list[dict[str, Any]]:
+        """Every recorded lock change of `point`, oldest first: {until, prev, time_ns, forced}
+        (until/prev: unix s or None)."""
+        rec = self.index.point_record(point.source, point.id)
+        if rec is None:
+            raise NotFound(f"no point {point.name}")
+        return [dict(e) for e in rec.get("locks", [])]
+
+
+def _day(until: float | None) -> str:
+    if until is None:
+        return "none"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+
+
+def restored_lock(
+    records: list[dict[str, Any]], *, immutable: bool
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """The lock and history `rebuild_index` restores from a point's LOCKREC records.
+
+    The newest record wins; in an immutable repository, where locks only extend, the latest
+    end date of any record wins instead (a forged or replayed older record cannot shorten).
+    """
+    recs = sorted(records, key=lambda r: int(r.get("time_ns", 0)))
+    history = [
+        {"until": r.get("until"), "prev": r.get("prev"), "time_ns": int(r.get("time_ns", 0)),
+         "forced": bool(r.get("forced", False))}
+        for r in recs
+    ]  # fmt: skip
+    if not recs:
+        return None, history
+    if immutable:
+        ends = [float(r["until"]) for r in recs if r.get("until") is not None]
+        return (max(ends) if ends else None), history
+    last = recs[-1].get("until")
+    return (None if last is None else float(last)), history
 
 
 def _take_writer_lock(root: Path) -> int:

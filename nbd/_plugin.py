@@ -8,9 +8,10 @@ callbacks to the catalogue and store errors to errnos. It must not crash on clie
 damaged data: every callback turns StoreError/OSError into `nbdkit.set_error(errno)` + an
 exception, which nbdkit sends to that client as an NBD error reply while it goes on serving.
 
-Parameters: `repo=DIR` (required), `overlays_only=1`, `verbose=1`. The passphrase of an
-encrypted repository comes in the environment (APPLIANCE_PASSPHRASE), never on the command
-line, and is removed from the environment once read.
+Parameters: `repo=DIR` (required), `overlays_only=1`, `verbose=1`. The keys of an encrypted
+repository come over an inherited pipe named by APPLIANCE_KEY_FD (`dedupstore.KeyHandoff`, as
+`nbd.NbdServer` starts us), read once and closed; never on the command line. A passphrase in
+APPLIANCE_PASSPHRASE is still accepted for a hand-started nbdkit.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 
 import nbdkit  # provided by nbdkit's embedded interpreter
 
-from dedupstore import Repository, StoreError
+from dedupstore import Repository, StoreError, inherited_keys
 from nbd._exports import Catalogue, Export
 
 API_VERSION = 2
@@ -89,8 +90,10 @@ def get_ready() -> None:
         level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
         format="nbdkit-plugin %(levelname)s %(name)s: %(message)s",
     )
+    keys = inherited_keys()
     passphrase = os.environ.pop("APPLIANCE_PASSPHRASE", None)
-    repo = Repository.open(Path(_config["repo"]), passphrase=passphrase, writable=False)
+    repo = Repository.open(Path(_config["repo"]), passphrase=passphrase, keys=keys,
+                           writable=False)  # fmt: skip
     _state["repo"] = repo
     _state["catalogue"] = Catalogue(repo, overlays_only=_config.get("overlays_only") == "1")
     log.debug("serving %s", _config["repo"])

@@ -2,7 +2,9 @@
 
 Owns the listening socket (bound here, handed to nbdkit by systemd-style socket activation, so
 port 0 works and there is no bind race), the nbdkit command line (TLS-PSK, read-only, thread
-count), the plugin's environment (PYTHONPATH with the venv first, the passphrase), readiness
+count), the plugin's environment (PYTHONPATH with the venv first), the repository keys (handed
+over an inherited pipe, `dedupstore.KeyHandoff`: never a passphrase in nbdkit's environment,
+where /proc/<pid>/environ would show it as long as nbdkit runs), readiness
 (nbdkit writes its PID file once it accepts connections) and shutdown (SIGTERM, then SIGKILL).
 It must not serve NBD itself (nbdkit does) nor touch the store (the plugin does).
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
-from dedupstore import sync_overlays
+from dedupstore import KEY_FD_ENV, KeyHandoff, Keys, StoreError, sync_overlays, unlock_keys
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class NbdServer:
         listen: str | None = None,
         socket: Path | str | None = None,
         passphrase: str | None = None,
+        keys: Keys | None = None,
         tls_psk: Path | str | None = None,
         overlays_only: bool = False,
         readonly: bool = False,
@@ -118,6 +121,7 @@ class NbdServer:
         self.socket_path = None if socket is None else Path(socket).resolve()
         self.listen = None if self.socket_path else (listen or DEFAULT_LISTEN)
         self.passphrase = passphrase
+        self.keys = keys
         self.tls_psk = None if tls_psk is None else Path(tls_psk).resolve()
         self.overlays_only = overlays_only
         self.readonly = readonly
@@ -227,14 +231,21 @@ class NbdServer:
         if shutil.which(self.nbdkit) is None:
             raise NbdServerError(f"{self.nbdkit} not found (apt-get install nbdkit "
                                  "nbdkit-plugin-python)")
+        keys = self.keys
+        if keys is None and self.passphrase is not None:
+            try:
+                keys = unlock_keys(self.repo_root, self.passphrase)
+            except StoreError as exc:  # wrong passphrase, no repository: nbdkit never starts
+                raise NbdServerError(str(exc)) from None
         self.run_dir = Path(tempfile.mkdtemp(prefix="appliance-nbd-"))
         pidfile = self.run_dir / "nbdkit.pid"
         env = dict(os.environ)
         env["PYTHONPATH"] = _plugin_pythonpath()
         env["PYTHONNOUSERSITE"] = "1"
-        env.pop("APPLIANCE_PASSPHRASE", None)
-        if self.passphrase is not None:
-            env["APPLIANCE_PASSPHRASE"] = self.passphrase
+        env.pop("APPLIANCE_PASSPHRASE", None)  # the keys go over a pipe (KeyHandoff)
+        env.pop(KEY_FD_ENV, None)
+        handoff = KeyHandoff(keys)
+        env.update(handoff.env)
         stderr: int | IO[bytes] | None
         if self._stderr_choice == "file":
             self.log_path = self.run_dir / "nbdkit.log"
@@ -242,15 +253,20 @@ class NbdServer:
             stderr = self._log_file
         else:
             stderr = self._stderr_choice  # type: ignore[assignment]
-        sock = self._bind()
+        try:
+            sock = self._bind()
+        except BaseException:
+            handoff.close()
+            raise
         try:
             cmd = [sys.executable, "-S", "-c", _TRAMPOLINE, str(sock.fileno()),
                    *self.command(pidfile)]
             self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                         stderr=stderr, pass_fds=(sock.fileno(),),
+                                         stderr=stderr, pass_fds=(sock.fileno(), *handoff.fds),
                                          start_new_session=False)
         finally:
             sock.close()  # nbdkit has its own copy: when it dies, connections are refused
+            handoff.close()  # nbdkit has its own end of the key pipe
         deadline = time.monotonic() + timeout_s
         while True:
             rc = self.proc.poll()

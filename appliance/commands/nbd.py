@@ -74,12 +74,15 @@ class _Stop(Exception):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     root = repo_path(args)
-    pw = passphrase(args) if _needs_passphrase(root) else None
+    # Keys a parent handed over (a session's NBD keeper) come first; else the passphrase.
+    keys = ds.inherited_keys()
+    pw = passphrase(args) if keys is None and _needs_passphrase(root) else None
     # Open once here: a wrong passphrase or a missing repository is a one-line error, and
-    # nbdkit never starts.
-    ds.Repository.open(root, passphrase=pw).close()
+    # nbdkit never starts. nbdkit gets the unwrapped keys over a pipe, not the passphrase.
+    with ds.Repository.open(root, passphrase=pw, keys=keys) as repo:
+        keys = repo.keys
     server = NbdServer(
-        root, listen=args.listen, socket=args.socket, passphrase=pw, tls_psk=args.tls_psk,
+        root, listen=args.listen, socket=args.socket, keys=keys, tls_psk=args.tls_psk,
         overlays_only=args.overlays_only, readonly=args.readonly, threads=args.threads,
         verbose=args.verbose >= 2, stderr=None, exit_with_parent=True,
     )

@@ -310,16 +310,17 @@ class IscsiSessions:
         sock.unlink(missing_ok=True)
         log_path = sdir / "nbdkit.log"
         env = dict(os.environ, APPLIANCE_REPO=str(self.root))
-        env.pop("APPLIANCE_PASSPHRASE", None)
-        if self.passphrase is not None:
-            env["APPLIANCE_PASSPHRASE"] = self.passphrase
+        env.pop("APPLIANCE_PASSPHRASE", None)  # the keys go over a pipe (ds.KeyHandoff)
+        env.pop(ds.KEY_FD_ENV, None)
+        keys = ds.unlock_keys(self.root, self.passphrase) if self.passphrase else None
         cmd = [sys.executable, "-c", "import sys; from appliance.cli import main; "
                "sys.argv[0] = 'appliance'; sys.exit(main())",
                "--repo", str(self.root), "nbd", "serve", "--socket", str(sock),
                "--overlays-only"]  # fmt: skip
-        with log_path.open("ab") as out:
+        with ds.KeyHandoff(keys) as handoff, log_path.open("ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    env=env, start_new_session=True)  # fmt: skip
+                                    env={**env, **handoff.env}, pass_fds=handoff.fds,
+                                    start_new_session=True)  # fmt: skip
         ref = _proc.ref_of(proc.pid)
         deadline = time.monotonic() + NBD_START_TIMEOUT_S
         while True:

@@ -24,6 +24,9 @@ def register(sub: Any) -> None:
     p.add_argument("--compression", default="zstd", help="zstd[,LEVEL] | lzo | gzip[,LEVEL] | none")
     p.add_argument("--hash", choices=["sha256", "blake3"], default="sha256")
     p.add_argument("--block-size", default="64K", help="image block size (4K..4M, power of 2)")
+    p.add_argument("--immutable", action="store_true",
+                   help="locks can only be extended and locked points are never deleted, not "
+                   "even with --force (can never be turned off)")  # fmt: skip
     p.set_defaults(func=cmd_init)
 
     b = sub.add_parser("backup", help="take a backup point")
@@ -74,10 +77,26 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("lock", help="make a point immutable until a date")
+    p = sub.add_parser("lock", help="make a point immutable until a date (locks only extend)")
     p.add_argument("point")
-    p.add_argument("--until", required=True, help="YYYY-MM-DD (UTC)")
+    p.add_argument("--until", help="YYYY-MM-DD (UTC)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow shortening a lock (refused in an --immutable repository)",
+    )
+    p.add_argument("--history", action="store_true", help="show every change of the lock")
+    p.add_argument("--json", action="store_true", help="with --history")
     p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("unlock", help="remove a point's lock before it ends (needs --force)")
+    p.add_argument("point")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="required: a lock is a promise (refused in an --immutable repository)",
+    )
+    p.set_defaults(func=cmd_unlock)
 
     p = sub.add_parser("delete", help="delete one point (space returns at the next gc)")
     p.add_argument("point")
@@ -124,10 +143,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         compression=args.compression,
         encryption=args.encryption,
         passphrase=pw,
+        immutable=args.immutable,
     )
     print(
         f"initialised repository {root} ({args.encryption}, {args.compression}, "
-        f"{args.hash}, blocks {args.block_size})"
+        f"{args.hash}, blocks {args.block_size}{', immutable' if args.immutable else ''})"
     )
     return 0
 
@@ -355,11 +375,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _utc(ts: float | None) -> str:
+    return "none" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
+    if args.history:
+        if args.until or args.force:
+            raise UserError("--history only shows the lock: no --until/--force with it")
+        with open_repo(args) as repo:
+            p = repo.resolve(args.point)
+            hist = repo.lock_history(p)
+        if args.json:
+            emit_json({"point": p.name, "locked_until": p.locked_until, "history": hist})
+            return 0
+        print(f"{p.name} locked until {_utc(p.locked_until)}")
+        for e in hist:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["time_ns"] / 1e9))
+            forced = "  (forced)" if e.get("forced") else ""
+            print(f"  {when}  {_utc(e.get('prev'))} -> {_utc(e.get('until'))}{forced}")
+        return 0
+    if not args.until:
+        raise UserError("lock needs --until YYYY-MM-DD (or --history)")
     until = ds.parse_until(args.until)
     with open_repo(args, writable=True) as repo:
-        p = repo.lock_point(repo.resolve(args.point), until)
-    print(f"{p.name} locked until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))}")
+        p = repo.lock_point(repo.resolve(args.point), until, force=args.force)
+    print(f"{p.name} locked until {_utc(until)}")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    if not args.force:
+        raise UserError("a lock is removed only with --force (see `appliance lock --help`)")
+    with open_repo(args, writable=True) as repo:
+        p = repo.lock_point(repo.resolve(args.point), None, force=True)
+    print(f"{p.name} unlocked")
     return 0
 
 

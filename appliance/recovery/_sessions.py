@@ -75,19 +75,21 @@ def _unique_name(repo_root: Path, repo: ds.Repository, base: str) -> str:
     return f"{base}-{n}"
 
 
-def _spawn_supervisor(sdir: Path, passphrase: str | None) -> subprocess.Popen[bytes]:
+def _spawn_supervisor(sdir: Path, keys: ds.Keys | None) -> subprocess.Popen[bytes]:
+    """Start the session's supervisor. It gets the repository keys over an inherited pipe
+    (ds.KeyHandoff), never the passphrase in its environment: it lives as long as the VM."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
     )
     env.pop("APPLIANCE_PASSPHRASE", None)
-    if passphrase is not None:
-        env["APPLIANCE_PASSPHRASE"] = passphrase
-    with open(sdir / "supervisor.log", "ab") as out:
+    env.pop(ds.KEY_FD_ENV, None)
+    with ds.KeyHandoff(keys) as handoff, open(sdir / "supervisor.log", "ab") as out:
+        env.update(handoff.env)
         proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.recovery.supervisor", str(sdir)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-            cwd="/", start_new_session=True, close_fds=True,
+            cwd="/", start_new_session=True, close_fds=True, pass_fds=handoff.fds,
         )  # fmt: skip
     # Reap it when it exits, so a long-lived caller (tests, the daemon) collects no zombies.
     threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
@@ -117,14 +119,15 @@ def boot_session(
     """
     repo_root = Path(repo_root).resolve()
     with ds.Repository.open(repo_root, passphrase=passphrase) as repo:
+        keys = repo.keys
         point = repo.resolve(point_ref)
         if name is None:
             name = _unique_name(repo_root, repo, _default_name(point))
         validate_session_name(name)
         sdir = session_dir(repo_root, name)
-        sessions_root(repo_root).mkdir(exist_ok=True)
+        sessions_root(repo_root).mkdir(mode=0o700, exist_ok=True)
         try:
-            sdir.mkdir()
+            sdir.mkdir(mode=0o700)
         except FileExistsError:
             raise SessionError(
                 f"session {name!r} exists (see `appliance sessions`; end it with "
@@ -145,7 +148,7 @@ def boot_session(
         libvirt_uri=libvirt_uri,
     )  # fmt: skip
     write_json_atomic(sdir / REQUEST_FILE, req.to_json())
-    proc = _spawn_supervisor(sdir, passphrase)
+    proc = _spawn_supervisor(sdir, keys)
     sup = ProcRef.of(proc.pid)
     deadline = time.monotonic() + timeout_s
     error: str | None = None

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from dedupstore import Keys, inherited_keys
 from nbd import NbdServer, NbdServerError, overlay_export_name
 
 from ._qemu import Qmp, qemu_command
@@ -56,8 +57,9 @@ QUIT_GRACE_S = 5.0
 class Supervisor:
     """Runs one session; `run()` returns the process exit status."""
 
-    def __init__(self, session_dir: Path) -> None:
+    def __init__(self, session_dir: Path, keys: Keys | None = None) -> None:
         self.dir = session_dir
+        self.keys = keys  # handed over by `appliance boot` (KeyHandoff), kept for nbdkit
         self.req = BootRequest.from_json(read_json(session_dir / REQUEST_FILE))
         self.state: dict[str, Any] = {
             "state": STARTING,
@@ -91,7 +93,7 @@ class Supervisor:
         self.nbd_log = open(self.dir / "nbdkit.log", "ab")  # noqa: SIM115 - closed in stop_nbd
         self.nbd = NbdServer(
             self.req.repo_root, listen=self.req.nbd_listen, overlays_only=True,
-            passphrase=os.environ.get("APPLIANCE_PASSPHRASE"), exit_with_parent=True,
+            keys=self.keys, exit_with_parent=True,
             stderr=self.nbd_log,
         )  # fmt: skip
         self.nbd.start()
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return Supervisor(args.session_dir.resolve()).run()
+    keys = inherited_keys()  # first: closes the key pipe before anything else starts
+    return Supervisor(args.session_dir.resolve(), keys).run()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testlib import flip_byte, make_image, sha256_file
+from testlib import assert_logs, flip_byte, make_image, sha256_file
 
 from dedupstore import (
     Locked,
@@ -60,7 +60,8 @@ def test_lock_blocks_delete(repo_dir: Path, tmp_path: Path) -> None:
         p = repo.lock_point(p, time.time() + 86400)
         with pytest.raises(Locked, match="locked until"):
             repo.delete_point(p)
-        p = repo.lock_point(p, None)
+        with assert_logs("changed by force"):  # a lock only extends unless forced
+            p = repo.lock_point(p, None, force=True)
         repo.delete_point(p)
         assert repo.list_points() == []
 
