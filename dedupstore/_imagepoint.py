@@ -244,8 +244,18 @@ class _Ingest:
                 note = f"base block map of {path} unreadable from block {n} ({exc}): full pass"
                 log.warning("%s", note)
                 self.notes.append(note)
+                self._mark_page_bad(getattr(exc, "page_id", None), str(exc))
 
         return gen()
+
+    def _mark_page_bad(self, page_id: bytes | None, reason: str) -> None:
+        """Mark the base's unreadable page bad, so this point's identical page is stored
+        afresh instead of deduplicating onto the damaged copy."""
+        if page_id is None:
+            return
+        loc = self.repo.index.lookup(page_id)
+        if loc is not None:
+            self.repo.index.mark_bad([(page_id, loc, reason, [])])
 
     def _report(self, done: int) -> None:
         if self.progress is not None:
