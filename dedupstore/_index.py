@@ -22,6 +22,7 @@ read unchecked.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -35,6 +36,8 @@ import xxhash
 
 from .errors import FormatError, OutOfSpace, StoreError
 from .formats import CHUNK_LOC, ChunkId
+
+log = logging.getLogger(__name__)
 
 MAP_SIZE = 1 << 40  # virtual; the file grows only as needed
 _U64 = struct.Struct(">Q")
@@ -277,10 +280,19 @@ class Index:
 
     # -- files cache --------------------------------------------------------------------
     def files_get(self, source: str, path: str) -> dict[str, Any] | None:
+        """The files-cache record of a path, or None. A damaged record is a cache miss (the
+        file is read again and its record rewritten), logged as a WARNING: never wrong data."""
         key = point_key(source, path)
         with self.env.begin(db=self.files) as txn:
             raw = txn.get(key)
-        return None if raw is None else decode_value(raw, f"files:{_key_name(key)}")
+        if raw is None:
+            return None
+        try:
+            rec = decode_value(raw, f"files:{_key_name(key)}")
+        except FormatError as exc:
+            log.warning("%s: ignoring it, the file is read again", exc)
+            return None
+        return rec if isinstance(rec, dict) else None
 
     # -- writes -------------------------------------------------------------------------
     def commit(

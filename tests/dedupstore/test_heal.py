@@ -30,12 +30,14 @@ from dedupstore import (
     Repository,
     StoreError,
     backup_image,
+    backup_tree,
     disk_readers,
     gc,
     live_readers,
     rebuild_index,
     repair_chunks,
     restore_image,
+    restore_tree,
     verify,
 )
 from dedupstore._imagepoint import block_map
@@ -380,3 +382,29 @@ def test_verify_rehashes_chunks_of_a_plain_repository(tmp_path: Path) -> None:
         assert rep.bad_chunks[cid].endswith("content does not match its id")
         assert p1.name in rep.damaged_points
     assert PACK_HEADER.size == 40
+
+
+def test_a_damaged_files_cache_record_is_a_miss_not_wrong_data(
+    repo_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    with Repository.open(repo_dir, writable=True) as repo:
+        backup_tree(repo, src, source="docs")
+    env = lmdb.open(str(repo_dir / "index"), max_dbs=16)
+    try:
+        db = env.open_db(b"files")
+        with env.begin(db=db, write=True) as txn:
+            key = b"docs\0f"
+            raw = bytearray(txn.get(key))
+            raw[-3] ^= 0x01
+            txn.put(key, bytes(raw))
+    finally:
+        env.close()
+    with Repository.open(repo_dir, writable=True) as repo:
+        with assert_logs(r"index record files:docs@f is damaged", count=1):
+            p2 = backup_tree(repo, src, source="docs")
+        assert p2.manifest["stats"]["cached_files"] == 0
+        restore_tree(repo, p2, tmp_path / "out")
+    assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
