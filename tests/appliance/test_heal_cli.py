@@ -4,13 +4,16 @@ readers behave as the healing store promises."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from testlib import flip_byte, make_image, run_cli
+from testlib import BIN, flip_byte, make_image, run_cli
 
 from dedupstore import ZERO_ID, Repository
 from dedupstore._imagepoint import block_map
@@ -113,3 +116,46 @@ def test_gc_grace_and_a_live_reader_keep_a_deleted_point_readable(tmp_path: Path
     assert gc["deleted_chunks"] > 0 and gc["deleted_points_purged"] == 1
     res = run_cli("--repo", str(r), "repair", "--rebuild-index")
     assert "0 points" in res.stdout
+
+
+def test_a_fuse_mount_reads_a_point_pruned_and_collected_meanwhile(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("/dev/fuse or fusermount3 missing")
+    r = tmp_path / "R"
+    disk = make_image(tmp_path / "disk.img", 8)
+    run_cli("--repo", str(r), "init")
+    run_cli("--repo", str(r), "backup", "image", str(disk), "--source", "vm1")
+    first = json.loads(run_cli("--repo", str(r), "points", "--json").stdout)[0]["id"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = (tmp_path / "mount.log").open("wb")
+    server = subprocess.Popen(
+        [str(BIN / "appliance"), "--repo", str(r), "mount", "--foreground", str(mnt)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            assert server.poll() is None, (tmp_path / "mount.log").read_text()
+            assert time.monotonic() < deadline, "the mount did not appear"
+            time.sleep(0.05)
+        with open(mnt / "vm1" / first / "disk0.img", "rb") as fh:
+            head = fh.read(1 << 20)
+            run_cli("--repo", str(r), "delete", f"vm1@{first}")
+            gc = json.loads(run_cli("--repo", str(r), "gc", "--grace", "0", "--json").stdout)
+            assert gc["deleted_chunks"] == 0 and gc["deleted_points_kept"] == 1
+            rest = fh.read()
+        assert head + rest == disk.read_bytes()
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        try:
+            server.wait(timeout=30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            log.close()
+    gc = json.loads(run_cli("--repo", str(r), "gc", "--grace", "0", "--json").stdout)
+    assert gc["deleted_chunks"] > 0
