@@ -590,11 +590,10 @@ def repair_chunks(repo: Repository, progress: Progress | None = None) -> ChunkRe
             continue
         repo.index.commit(bad=[(cid, None)])
         rep.cleared[cid.hex()] = "reads back intact now"
-    if not still:
-        return rep
+    old_packs = _heal_manifests(repo, still, rep)
     packs = repo.index.all_packs()
     found: dict[bytes, list[Loc]] = defaultdict(list)
-    for n, (pid, info) in enumerate(sorted(packs.items()), start=1):
+    for n, (pid, info) in enumerate(sorted(packs.items()) if still else [], start=1):
         path = pack_path(repo.root, str(info["tier"]), pid)
         try:
             scan = scan_pack(path, check_payloads=False)
@@ -612,7 +611,6 @@ def repair_chunks(repo: Repository, progress: Progress | None = None) -> ChunkRe
                     found[e.chunk_id].append(loc)
         if progress:
             progress(n, len(packs))
-    old_packs: set[int] = set()
     for sid, loc in still.items():
         good = next(
             (
@@ -641,6 +639,28 @@ def repair_chunks(repo: Repository, progress: Progress | None = None) -> ChunkRe
         _drop_packs(repo, _compact(repo, sorted(old_packs), members, gcrep, None), packs)
         rep.packs_rewritten = gcrep.packs_rewritten + gcrep.packs_deleted
     return rep
+
+
+def _heal_manifests(repo: Repository, still: dict[bytes, Loc], rep: ChunkRepairReport) -> set[int]:
+    """A damaged manifest chunk is stored again from its catalogue record (which holds the
+    sealed manifest too, checked against the id). Returns the packs of the damaged copies."""
+    old: set[int] = set()
+    records = [*repo.index.point_records(), *repo.index.deleted_records()]
+    for source, pid, rec in records:
+        cid = bytes(rec.get("c", b""))
+        if cid not in still:
+            continue
+        try:
+            manifest = repo._decode_record(rec, f"{source}@{pid}")
+        except StoreError:
+            continue  # the record is damaged too: no good copy here
+        del manifest  # decoded only to prove the record's copy is intact
+        repo.put_sealed(Kind.POINT, cid, int(rec["codec"]), bytes(rec["m"]), int(rec["raw"]))
+        repo.flush()  # indexes the fresh copy and clears the mark
+        rep.replaced[cid.hex()] = "a fresh copy from the catalogue record"
+        repo.forget_pack_fd(still[cid][0])
+        old.add(still.pop(cid)[0])
+    return old
 
 
 # -- stats --------------------------------------------------------------------------------

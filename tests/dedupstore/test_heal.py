@@ -408,3 +408,19 @@ def test_a_damaged_files_cache_record_is_a_miss_not_wrong_data(
         assert p2.manifest["stats"]["cached_files"] == 0
         restore_tree(repo, p2, tmp_path / "out")
     assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_repair_chunks_restores_a_damaged_manifest_from_its_catalogue_record(
+    repo_dir: Path, tmp_path: Path
+) -> None:
+    img = make_image(tmp_path / "d.img", 2)
+    with Repository.open(repo_dir, writable=True) as repo:
+        p1 = backup_image(repo, [img], source="vm1", mode="full")
+        _damage_chunk(repo_dir, repo, p1.manifest_id)
+        rep = verify(repo)
+        assert rep.marked_bad == 1 and p1.name in rep.damaged_points
+        fixed = repair_chunks(repo)
+        assert fixed.ok and list(fixed.replaced) == [p1.manifest_id.hex()]
+        assert fixed.packs_rewritten == 1
+        assert verify(repo).ok
+        assert _restore_sha(repo, p1, tmp_path / "o.img") == sha256_file(img)
