@@ -395,7 +395,8 @@ def backup_image(
         "stats": {**stats.as_dict(), "duration_s": round(time.time() - started, 3)},
     }
     if ingest.notes:
-        manifest["notes"] = ingest.notes
+        manifest["notes"] = ingest.notes  # and in the stats: the job's result shows them
+        manifest["stats"]["notes"] = ingest.notes
     return repo.commit_point(manifest)
 
 
