@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class ReaderLease:
         self.started_ns = started_ns
         self._points: list[str] = []
         self._command = _command()
+        self._lock = threading.Lock()  # resolve() may run on several threads
 
     @classmethod
     def take(cls, root: Path) -> ReaderLease | None:
@@ -97,20 +99,22 @@ class ReaderLease:
 
     def add_point(self, name: str) -> None:
         """Name a point this reader reads (shown by `live_readers`; GC keeps it)."""
-        if self._fd < 0 or name in self._points:
-            return
-        self._points.append(name)
-        with contextlib.suppress(OSError):
-            self._write()
+        with self._lock:
+            if self._fd < 0 or name in self._points:
+                return
+            self._points.append(name)
+            with contextlib.suppress(OSError):
+                self._write()
 
     def release(self) -> None:
-        if self._fd < 0:
-            return
-        # unlink first: a scanner that locks the file after our close finds no path to remove
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self._fd)
-        self._fd = -1
+        with self._lock:
+            if self._fd < 0:
+                return
+            # unlink first: a scanner locking the file after our close finds no path to remove
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = -1
 
 
 def live_readers(root: Path) -> list[ReaderInfo]:
