@@ -32,7 +32,15 @@ This module is the only import surface of the package.
 
 from ._codec import Keys
 from ._config import RepoConfig, parse_size
-from ._filetree import FileTree, TreeEntry, TreeStats, backup_tree, open_tree, restore_tree
+from ._filetree import (
+    FileTree,
+    TreeEntry,
+    TreeStats,
+    backup_tree,
+    display_path,
+    open_tree,
+    restore_tree,
+)
 from ._imagepoint import (
     DiskReader,
     ImageStats,
@@ -132,6 +140,7 @@ __all__ = [
     "create_overlay",
     "delete_point",
     "disk_readers",
+    "display_path",
     "drop_overlay",
     "gc",
     "list_overlays",

@@ -8,9 +8,22 @@ depth-first, name-sorted order::
     h hard-link target path   c [[chunk id, length], ...]   e [[offset, length], ...] data
     extents of a sparse file (absent = one extent covering the file)
 
+Names are Linux names, i.e. bytes: in memory a path is a str from os.fsdecode (undecodable
+bytes as surrogates, `surrogateescape`), so os functions give the original bytes back. In the
+item stream `p`, `h`, `l` and xattr names are msgpack str when they are valid UTF-8 (what older
+versions wrote, still read unchanged) and msgpack bin (the raw bytes) otherwise; the reader
+turns bin back into str with os.fsdecode, so a round trip is byte-exact.
+
 The item stream is cut with FastCDC into TREE chunks, so an unchanged part of a big tree
 dedups between points. Regular files are cut with FastCDC (16/64/256 KiB); a files cache
 (size, mtime, ctime, inode -> chunk list) lets an incremental skip unchanged files.
+
+A backup never hides what it could not read (restic/rsync semantics): an entry that cannot be
+read (lstat, readlink, open or read fails) is left out of the point and listed in the
+manifest's `errors` ([{path, error}], count in `stats.errors`, `complete: false`); the CLI
+then exits 3. A regular file whose size or mtime differs after it was read from before (a
+growing log) is backed up as read and listed in `changed` (count in `stats.changed`): a
+warning, like restic and borg, which alone does not make the point incomplete.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import msgpack
 from pyfastcdc.cy import FastCDC
 
 from ._imagepoint import worker_count
-from ._index import point_key
+from ._index import files_key
 from ._repo import Point, Repository, validate_source_name
 from .errors import ChunkCorrupt, FormatError, InvalidArgument, NotFound
 from .formats import ChunkId, Kind
@@ -77,7 +90,8 @@ class TreeStats:
     new_chunks: int = 0
     new_raw_bytes: int = 0
     stored_bytes: int = 0
-    errors: int = 0
+    errors: int = 0  # entries left out of the point because they could not be read
+    changed: int = 0  # files that changed while they were read (stored as read)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -113,6 +127,7 @@ class _Waiting:
     futs: deque[Future[list[tuple[bytes, int, int, bytes | None]]]] = field(default_factory=deque)
     chunks: list[list[Any]] = field(default_factory=list)
     complete: bool = True
+    skip: bool = False  # reading failed: the entry is left out of the point
 
 
 class _TreeBackup:
@@ -136,6 +151,8 @@ class _TreeBackup:
         self.waiting: deque[_Waiting] = deque()
         self.inflight = 0
         self.limit = 4 * worker_count()
+        self.errors: list[dict[str, str]] = []  # entries left out: {path, error}
+        self.changed: list[dict[str, str]] = []  # files that changed while read: {path, change}
 
     # -- worker side --------------------------------------------------------------------
     def _seal_batch(self, chunks: list[bytes]) -> list[tuple[bytes, int, int, bytes | None]]:
@@ -172,6 +189,8 @@ class _TreeBackup:
             if head.futs or not head.complete:
                 return
             self.waiting.popleft()
+            if head.skip:
+                continue
             if head.item["k"] == "f" and "c" not in head.item:
                 head.item["c"] = head.chunks
             self.items.append(head.item)
@@ -187,10 +206,10 @@ class _TreeBackup:
     def _walk(self, path: Path, rel: str) -> None:
         try:
             st = os.lstat(path)
+            item = self._meta(path, rel, st)
         except OSError as exc:
             self._error(rel, exc)
             return
-        item = self._meta(path, rel, st)
         kind = item["k"]
         if kind == "f":
             self._file(path, rel, st, item)
@@ -218,8 +237,16 @@ class _TreeBackup:
             self._drain()
 
     def _error(self, rel: str, exc: OSError) -> None:
+        """Record an entry (or a directory's listing) that is not in the point, and why."""
+        why = exc.strerror or str(exc)
         self.stats.errors += 1
-        log.warning("skipping %s: %s", rel or ".", exc.strerror or exc)
+        self.errors.append({"path": display_path(rel or "."), "error": why})
+        log.warning("skipping %s: %s", display_path(rel or "."), why)
+
+    def _forget_link(self, item: dict[str, Any], st: os.stat_result) -> None:
+        """A first hard link that could not be read: the next link is read on its own."""
+        if "h" not in item and self.links.get((st.st_dev, st.st_ino)) == item["p"]:
+            del self.links[(st.st_dev, st.st_ino)]
 
     def _meta(self, path: Path, rel: str, st: os.stat_result) -> dict[str, Any]:
         kind = _KIND_OF_MODE.get(stat.S_IFMT(st.st_mode), "f")
@@ -265,7 +292,7 @@ class _TreeBackup:
         if "h" in item:  # hard link to an entry already stored
             self._queue(item)
             return
-        ckey = point_key(self.source, rel)
+        ckey = files_key(self.source, rel)
         sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         if self.use_cache:
             cached = self.repo.index.files_get(self.source, rel)
@@ -285,23 +312,37 @@ class _TreeBackup:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             self._error(rel, exc)
-            item["c"] = []
-            item["err"] = str(exc)
-            self._queue(item)
+            self._forget_link(item, st)
             return
         waiting = _Waiting(item, complete=False)
         self.waiting.append(waiting)
+        after: os.stat_result | None = None
+        consumed = 0
         try:
             extents = None
             if st.st_blocks * 512 < st.st_size:
                 extents = _data_extents(fd, st.st_size)
             if extents is not None:
                 item["e"] = [list(e) for e in extents]
-            self._chunk_file(fd, extents or [(0, st.st_size)], waiting)
+            consumed = self._chunk_file(fd, extents or [(0, st.st_size)], waiting)
+            after = os.fstat(fd)
+        except OSError as exc:
+            waiting.skip = True  # batches already submitted finish, then the item is dropped
+            self._error(rel, exc)
+            self._forget_link(item, st)
         finally:
             os.close(fd)
             waiting.complete = True
-        self.cache.append((ckey, {"sig": sig, "e": item.get("e")}, item))
+        if after is not None:
+            if extents is None and consumed < st.st_size:
+                item["s"] = consumed  # it shrank under us: the point holds what was there
+            change = _change(st, after)
+            if change:
+                self.stats.changed += 1
+                self.changed.append({"path": display_path(rel), "change": change})
+                log.info("%s changed while it was read (%s)", display_path(rel), change)
+            else:  # a torn copy must not be trusted by the next incremental
+                self.cache.append((ckey, {"sig": sig, "e": item.get("e")}, item))
         self._drain()
         if self.progress:
             self.progress(self.stats.read_bytes, 0)
@@ -312,8 +353,11 @@ class _TreeBackup:
         if self.inflight > self.limit:
             self._drain()
 
-    def _chunk_file(self, fd: int, extents: list[tuple[int, int]], waiting: _Waiting) -> None:
-        """Cut the file's data extents (as one stream) with FastCDC and submit batches."""
+    def _chunk_file(self, fd: int, extents: list[tuple[int, int]], waiting: _Waiting) -> int:
+        """Cut the file's data extents (as one stream) with FastCDC and submit batches.
+
+        Returns the bytes read (less than the extents hold if the file shrank). Raises OSError
+        when a read fails."""
         batch: list[bytes] = []
         batch_bytes = 0
         leftover = b""
@@ -328,6 +372,8 @@ class _TreeBackup:
                 pos += len(data)
                 consumed += len(data)
                 self.stats.read_bytes += len(data)
+                if self.progress:
+                    self.progress(self.stats.read_bytes, 0)
                 buf = leftover + data if leftover else data
                 view = memoryview(buf)
                 cuts = list(self.cdc.cut_buf(view))
@@ -347,6 +393,53 @@ class _TreeBackup:
             batch.append(leftover)
         if batch:
             self._submit(batch, waiting)
+        return consumed
+
+
+def _change(before: os.stat_result, after: os.stat_result) -> str:
+    """How a file changed between the lstat before its read and the fstat after ("" if not)."""
+    what = []
+    if after.st_size != before.st_size:
+        what.append(f"size {before.st_size} -> {after.st_size}")
+    if after.st_mtime_ns != before.st_mtime_ns:
+        what.append("mtime")
+    return ", ".join(what)
+
+
+def display_path(name: str) -> str:
+    """A name from os.fsdecode as printable text: non-UTF-8 bytes become `\\xNN` escapes.
+
+    For output only (terminal, JSON, reports); never for opening files.
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+# Item fields that hold names or paths (bytes on Linux): str on the wire when valid UTF-8.
+_NAME_FIELDS = ("p", "h", "l")
+
+
+def _wire_name(name: str) -> str | bytes:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name)  # the original bytes (surrogateescape)
+    return name
+
+
+def _encode_item(item: dict[str, Any]) -> bytes:
+    """One item as msgpack; names that are not UTF-8 go as bin (see the module docstring)."""
+    out = dict(item)
+    for key in _NAME_FIELDS:
+        if isinstance(out.get(key), str):
+            out[key] = _wire_name(out[key])
+    if out.get("x"):
+        out["x"] = {_wire_name(k): v for k, v in out["x"].items()}
+    return bytes(msgpack.packb(out))
+
+
+def _name_of(value: Any) -> Any:
+    """A name read from the item stream: bin (raw bytes) back to a surrogateescape str."""
+    return os.fsdecode(bytes(value)) if isinstance(value, bytes | bytearray) else value
 
 
 def backup_tree(
@@ -373,8 +466,9 @@ def backup_tree(
     tb = _TreeBackup(repo, root, source, use_cache=base is not None, progress=progress)
     items, stats = tb.run()
     tree_ids = _store_items(repo, items, stats)
+    kept = {id(item) for item in items}
     files_cache: list[tuple[bytes, dict[str, Any] | None]] = [
-        (k, {**rec, "c": item["c"]}) for k, rec, item in tb.cache if "err" not in item
+        (k, {**rec, "c": item["c"]}) for k, rec, item in tb.cache if id(item) in kept
     ]
     now = time.time_ns()
     manifest: dict[str, Any] = {
@@ -386,16 +480,19 @@ def backup_tree(
         "mode": mode if base is not None else "full",
         "parent": base.id if base is not None else None,
         "tree": tree_ids,
-        "root_path": str(root.resolve()),
+        "root_path": display_path(str(root.resolve())),
         "entries": len(items),
         "label": label,
+        "complete": not tb.errors,
+        "errors": tb.errors,
+        "changed": tb.changed,
         "stats": {**stats.as_dict(), "duration_s": round(time.time() - started, 3)},
     }
     return repo.commit_point(manifest, files=files_cache)
 
 
 def _store_items(repo: Repository, items: list[dict[str, Any]], stats: TreeStats) -> list[bytes]:
-    stream = b"".join(msgpack.packb(i) for i in items)
+    stream = b"".join(_encode_item(i) for i in items)
     cdc = FastCDC(TREE_CDC[1], min_size=TREE_CDC[0], max_size=TREE_CDC[2])
     ids: list[bytes] = []
     view = memoryview(stream)
@@ -458,6 +555,11 @@ class FileTree:
             for obj in unpacker:
                 if not isinstance(obj, dict) or "p" not in obj:
                     raise FormatError(f"{self.point.name}: bad item in tree stream")
+                for key in _NAME_FIELDS:
+                    if key in obj:
+                        obj[key] = _name_of(obj[key])
+                if obj.get("x"):
+                    obj["x"] = {_name_of(k): v for k, v in obj["x"].items()}
                 raw_items.append(obj)
         by_path = {it["p"]: it for it in raw_items}
         ino_of: dict[str, int] = {}

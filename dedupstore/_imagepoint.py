@@ -4,6 +4,11 @@ Owns the ingest pipeline (read -> fingerprint -> hash -> dedup -> compress/encry
 threads -> ordered pack appends on the writer thread), `DiskReader` (random access to one
 disk of a point, the ByteSource every front-end reads through) and image restore.
 
+A source that cannot be read whole (a read fails, or returns fewer bytes than the size
+measured at the start) aborts the backup with an OSError naming the disk and the offset; no
+point is committed, so nothing partial can pass for a whole disk (chunks already stored are
+unreferenced and go at the next gc).
+
 Change detection: each leaf entry keeps an xxh3-128 fingerprint of its block. An incremental
 or differential point hashes a block with the (slow) content hash only when its fingerprint
 differs from the base point's entry for the same block; unchanged blocks reuse the base's id,
@@ -14,6 +19,7 @@ turns the rest of the pass into a full one (a WARNING, and a note in the point's
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -22,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,9 +177,10 @@ class _Ingest:
         return [r for r in out if r is not None]
 
     def run(
-        self, path: Path, base: BlockMap | None, used: Ranges | None
+        self, name: str, path: Path, base: BlockMap | None, used: Ranges | None
     ) -> tuple[int, ChunkId, int, int]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        inflight: deque[Future[list[_BlockResult]]] = deque()
         try:
             size = _device_size(fd)
             bs = self.bs
@@ -184,7 +191,6 @@ class _Ingest:
             if base is not None:
                 base_iter = base.entries(0, min(base.n_blocks, n_blocks))
             base_iter = self._guarded(base_iter, path)
-            inflight: deque[Future[list[_BlockResult]]] = deque()
             window = 3 * worker_count()
             done = 0
             for first in range(0, n_blocks, BATCH_BLOCKS):
@@ -223,7 +229,17 @@ class _Ingest:
             root = builder.finish()
             self.stats.logical_bytes += size
             return size, root, builder.depth, n_blocks
+        except SourceReadError as exc:
+            raise OSError(
+                exc.errno,
+                f"{name}: {exc.strerror}; backup aborted, no point committed",
+                str(path),
+            ) from exc
         finally:
+            # Workers may still pread this fd: never close it under them.
+            for fut in inflight:
+                fut.cancel()
+            wait(inflight)
             os.close(fd)
 
     def _guarded(
@@ -288,18 +304,55 @@ class _Ingest:
         return res.chunk_id
 
 
+class SourceReadError(OSError):
+    """A read of a backup source failed or came back short; the message names the offset."""
+
+
+def _pread_exact(fd: int, length: int, offset: int, bs: int) -> bytes:
+    """Exactly `length` bytes at `offset`, or SourceReadError naming where it failed.
+
+    A failing read is retried block by block (`bs`) to name the first block that fails.
+    """
+    parts = []
+    pos, end = offset, offset + length
+    while pos < end:
+        try:
+            data = os.pread(fd, end - pos, pos)
+        except OSError as exc:
+            bad, n, err = pos, end - pos, exc
+            for off in range(pos, end, bs):
+                try:
+                    os.pread(fd, min(bs, end - off), off)
+                except OSError as exc2:
+                    bad, n, err = off, min(bs, end - off), exc2
+                    break
+            why = err.strerror or str(err)
+            raise SourceReadError(
+                err.errno or errno.EIO, f"read failed at offset {bad} ({n} bytes): {why}"
+            ) from exc
+        if not data:  # the source shrank (or a device reported less than it has)
+            raise SourceReadError(
+                errno.EIO,
+                f"short read at offset {pos}: the source ends {end - pos} bytes early "
+                f"(it shrank while being read?)",
+            )
+        parts.append(data)
+        pos += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _read_full(fd: int, length: int, offset: int, mask: bytes | None, bs: int) -> bytes:
-    """Read `length` bytes at `offset`; with a mask, unused blocks are left as zeros."""
+    """Read `length` bytes at `offset`; with a mask, unused blocks are left as zeros.
+
+    Raises SourceReadError (an OSError naming the offset) when a needed byte cannot be read.
+    """
     if mask is None or all(mask):
-        data = os.pread(fd, length, offset)
-        if len(data) < length:  # a file that shrank under us: treat the tail as zeros
-            data += bytes(length - len(data))
-        return data
+        return _pread_exact(fd, length, offset, bs)
     buf = bytearray(length)
     for k, used in enumerate(mask):
         if used:
             start = k * bs
-            chunk = os.pread(fd, min(bs, length - start), offset + start)
+            chunk = _pread_exact(fd, min(bs, length - start), offset + start, bs)
             buf[start : start + len(chunk)] = chunk
     return bytes(buf)
 
@@ -368,7 +421,7 @@ def backup_image(
             if bdisk is not None and int(bdisk["block_size"]) == repo.block_size:
                 bmap = block_map(repo, bdisk)
             ingest.done_before = sum(sizes[:i])
-            size, root, depth, _n = ingest.run(Path(path), bmap, used[i] if used else None)
+            size, root, depth, _n = ingest.run(name, Path(path), bmap, used[i] if used else None)
             disks.append(
                 {
                     "name": name,

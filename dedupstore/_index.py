@@ -23,6 +23,7 @@ read unchecked.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -49,6 +50,15 @@ def pack_key(pack_id: int) -> bytes:
 
 def point_key(source: str, point_id: str) -> bytes:
     return source.encode() + b"\0" + point_id.encode()
+
+
+def files_key(source: str, path: str) -> bytes:
+    """The files-cache key of `path` (a str from os.fsdecode: any Linux name, byte-exact).
+
+    os.fsencode gives the UTF-8 bytes of a valid name (the keys older versions wrote) and the
+    original bytes of a non-UTF-8 one (surrogateescape).
+    """
+    return source.encode() + b"\0" + os.fsencode(path)
 
 
 Loc = tuple[int, int, int, int, int, int]  # pack id, offset, stored_len, raw_len, kind, codec
@@ -282,7 +292,7 @@ class Index:
     def files_get(self, source: str, path: str) -> dict[str, Any] | None:
         """The files-cache record of a path, or None. A damaged record is a cache miss (the
         file is read again and its record rewritten), logged as a WARNING: never wrong data."""
-        key = point_key(source, path)
+        key = files_key(source, path)
         with self.env.begin(db=self.files) as txn:
             raw = txn.get(key)
         if raw is None:

@@ -12,6 +12,8 @@ structural Protocol the dedup store's readers satisfy; it imports no other proje
 * :func:`used_ranges` -> :class:`UsedMap`: byte ranges of a whole disk that must be backed up;
   everything else may be restored as zeros. :func:`filesystem_used_ranges` does the same for
   one volume (e.g. an agent's single partition) and raises instead of keeping it whole.
+  :func:`writable_mounts` names where a block device is mounted read-write (a used map of a
+  changing filesystem cannot be trusted).
 
 Errors: everything caused by image content is an :class:`ImageError`
 (:class:`PartitionTableError`, :class:`UnsupportedFilesystem`, :class:`CorruptFilesystem`,
@@ -29,7 +31,13 @@ from image._errors import (
 from image._fs import Filesystem, Node, open_filesystem
 from image._partition import DiskLayout, Partition, open_disk
 from image._source import ByteSource, FileSource, SliceSource
-from image._used import PartitionUsage, UsedMap, filesystem_used_ranges, used_ranges
+from image._used import (
+    PartitionUsage,
+    UsedMap,
+    filesystem_used_ranges,
+    used_ranges,
+    writable_mounts,
+)
 
 __all__ = [
     "ByteSource",
@@ -51,4 +59,5 @@ __all__ = [
     "open_disk",
     "open_filesystem",
     "used_ranges",
+    "writable_mounts",
 ]

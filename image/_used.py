@@ -18,10 +18,20 @@ Rules (correctness before tightness; an allocated block reported free loses data
     metadata_csum verifies. A journal that needs recovery, bigalloc and meta_bg with uninit
     groups keep the partition whole;
   - XFS: every block not in the per-AG free-space B+tree by block number (bnobt); the sum of
-    free extents must match ``agf_freeblks`` or the partition is kept whole;
+    free extents must match ``agf_freeblks`` or the partition is kept whole. Only when the log
+    is clean: its last record (found the way the kernel's ``xlog_find_head`` does, by the cycle
+    numbers stamped on every 512-byte log block) must be an unmount record ending at the log
+    head; a live or uncleanly unmounted XFS has metadata only in the log (the on-disk btrees
+    are stale) and an external log cannot be checked: both are kept whole;
   - NTFS: ``$Bitmap`` (a dirty volume is kept whole);
   - FAT12/16/32: reserved sectors, all FAT copies and the root directory region, plus every
-    cluster whose FAT entry is non-zero.
+    cluster whose FAT entry is non-zero. A volume marked dirty is kept whole: the boot sector's
+    state byte (BS_Reserved1, bit 0: set by Linux and Windows NT while mounted read-write) or,
+    on FAT16/32, a cleared "clean shutdown" or "no I/O errors" bit in FAT entry 1.
+
+:func:`writable_mounts` tells whether a block device (or a partition or device-mapper holder
+of it) is mounted read-write on this host: its used map and its data would then be read at
+different moments of a changing filesystem, so callers refuse a used-only backup of it.
 
 The parsers here are local ``struct`` code, not ``dissect``: allocation maps are a few fields
 each, and the exact rules above (what counts as metadata, what a flag means) are the contract.
@@ -31,10 +41,13 @@ Only NTFS uses ``dissect.ntfs`` to locate ``$Bitmap`` through the MFT.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dissect.util import crc32c
 
@@ -51,6 +64,7 @@ __all__ = [
     "merge_ranges",
     "subtract_ranges",
     "used_ranges",
+    "writable_mounts",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,12 +344,95 @@ _XFS_AGF_MAGIC = b"XAGF"
 _XFS_BNO_MAGICS = (b"ABTB", b"AB3B")
 
 
+_XLOG_MAGIC = 0xFEEDBABE
+_XLOG_BB = 512  # the log's basic block: each starts with its cycle number (or a header)
+_XLOG_HEADER_CYCLE_SIZE = 32 * 1024  # log data covered by one header block (v2 logs)
+_XLOG_VERSION_2 = 0x2
+_XLOG_UNMOUNT_TRANS = 0x20  # xlog_op_header.oh_flags of an unmount record
+# Up to 8 in-core logs of 256 KiB can be in flight: the kernel checks this many blocks before
+# the head for a hole left by out-of-order completion (XLOG_TOTAL_REC_SHIFT).
+_XLOG_SCAN_BBS = (8 * 256 * 1024) // _XLOG_BB
+
+
+def _xfs_log_dirty(src: ByteSource, log_off: int, log_bbs: int) -> str | None:
+    """Why the internal log at ``log_off`` (``log_bbs`` basic blocks) is not clean, or None.
+
+    Clean means what the kernel's ``xlog_find_tail`` calls a clean unmount: the log head found
+    from the blocks' cycle numbers directly follows a record holding one operation flagged
+    XLOG_UNMOUNT_TRANS. Anything unexpected counts as dirty (a false "dirty" only costs
+    space). A log that was never written (all zero) is clean, as for the kernel.
+    """
+    if log_bbs < 2:
+        return "XFS log is impossibly small"
+
+    def block(bb: int) -> bytes:
+        return read_exact(src, log_off + (bb % log_bbs) * _XLOG_BB, _XLOG_BB)
+
+    def cycle(data: bytes) -> int:
+        magic, after_magic = struct.unpack_from(">II", data, 0)
+        return int(after_magic if magic == _XLOG_MAGIC else magic)
+
+    first, last = cycle(block(0)), cycle(block(log_bbs - 1))
+
+    def first_with(pred_cycle: int, lo: int, hi: int) -> int:
+        """First block in [lo, hi) whose cycle is ``pred_cycle`` (blocks before it are not)."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cycle(block(mid)) == pred_cycle:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    if first == 0:
+        if any(cycle(block(bb)) for bb in range(0, log_bbs, max(1, log_bbs // 64))):
+            return "XFS log starts with an unwritten block but is not empty"
+        return None  # never written (or zeroed by xfs_repair -L): nothing to replay
+    if last == 0:
+        head, current = first_with(0, 1, log_bbs), first  # the log has not wrapped yet
+    elif first == last:
+        head, current = log_bbs, first  # the head is exactly at the wrap point
+    elif first == last + 1:
+        head, current = first_with(last, 1, log_bbs), first
+    else:
+        return f"XFS log cycles {first} and {last} do not follow each other"
+    # No older cycle may hide shortly before the head (iclogs completing out of order).
+    lo = max(0, head - _XLOG_SCAN_BBS)
+    window = read_exact(src, log_off + lo * _XLOG_BB, (head - lo) * _XLOG_BB)
+    for i in range(0, len(window), _XLOG_BB):
+        if cycle(window[i : i + 8]) != current:
+            return "XFS log has a hole before its head: it was not cleanly unmounted"
+    # The last record header before the head (a record is at most 256 KiB plus headers).
+    rec = None
+    for back in range(1, min(log_bbs, _XLOG_SCAN_BBS) + 1):
+        data = block(head - back)
+        if struct.unpack_from(">I", data, 0)[0] == _XLOG_MAGIC:
+            rec = (head - back) % log_bbs, data
+            break
+    if rec is None:
+        return "XFS log has no record header before its head"
+    rec_bb, hdr = rec
+    version, h_len = struct.unpack_from(">II", hdr, 8)
+    num_logops = struct.unpack_from(">I", hdr, 40)[0]
+    h_size = struct.unpack_from(">I", hdr, 320)[0]
+    hblks = 1
+    if version & _XLOG_VERSION_2 and h_size > _XLOG_HEADER_CYCLE_SIZE:
+        hblks = (h_size + _XLOG_HEADER_CYCLE_SIZE - 1) // _XLOG_HEADER_CYCLE_SIZE
+    after = (rec_bb + hblks + (h_len + _XLOG_BB - 1) // _XLOG_BB) % log_bbs
+    if after != head % log_bbs or num_logops != 1:
+        return "XFS log is dirty (its last record is not an unmount record): not cleanly unmounted"
+    if not block(rec_bb + hblks)[9] & _XLOG_UNMOUNT_TRANS:  # xlog_op_header.oh_flags
+        return "XFS log is dirty (its last record is not an unmount record): not cleanly unmounted"
+    return None
+
+
 def _xfs_used(src: ByteSource) -> list[Range]:
     sb = read_exact(src, 0, 512)
     fields = _XFS_SB.unpack_from(sb, 0)
     magic, bs, dblocks = fields[0], fields[1], fields[2]
     agblocks, agcount = fields[12], fields[13]
     version, sectsize = fields[16], fields[17]
+    logstart, logblocks, agblklog = fields[7], fields[15], sb[124]
     if magic != b"XFSB":
         raise CorruptFilesystem("XFS superblock magic mismatch")
     if bs < 512 or bs > 65536 or bs & (bs - 1) or sectsize < 512 or sectsize > bs:
@@ -346,6 +443,15 @@ def _xfs_used(src: ByteSource) -> list[Range]:
         raise CorruptFilesystem(
             f"XFS filesystem ({dblocks * bs} bytes) is larger than its partition"
         )
+    if logstart == 0:
+        raise UnsupportedFilesystem("XFS with an external log: cannot tell if it is clean")
+    log_agno, log_agbno = logstart >> agblklog, logstart & ((1 << agblklog) - 1)
+    log_off = (log_agno * agblocks + log_agbno) * bs
+    if log_agno >= agcount or log_off + logblocks * bs > dblocks * bs or logblocks == 0:
+        raise CorruptFilesystem("XFS log lies outside the filesystem")
+    dirty = _xfs_log_dirty(src, log_off, logblocks * bs // _XLOG_BB)
+    if dirty is not None:
+        raise UnsupportedFilesystem(f"{dirty}; free-space btrees may be stale")
     crc = (version & 0xF) == 5
     hdr = 56 if crc else 16
     maxrecs = (bs - hdr) // 12  # interior node: 8-byte key + 4-byte pointer per entry
@@ -477,6 +583,9 @@ def _fat_used(src: ByteSource) -> list[Range]:
     if (clusters + 2) * bits > fatsz * ss * 8:
         raise CorruptFilesystem("FAT table is too small for the volume")
     table = read_exact(src, reserved * ss, (((clusters + 2) * bits + 7) // 8))
+    dirty = _fat_dirty(boot, table, bits, fat32_layout=fatsz16 == 0)
+    if dirty is not None:
+        raise UnsupportedFilesystem(f"FAT volume {dirty}: its FAT may be stale")
     cluster_bytes = ss * spc
     data_off = first_data * ss
     used: list[Range] = [(0, data_off)]  # reserved sectors, every FAT copy, FAT12/16 root dir
@@ -504,6 +613,36 @@ def _fat_used(src: ByteSource) -> list[Range]:
     end = data_off + clusters * cluster_bytes
     used.append((end, src.size_bytes() - end))
     return used
+
+
+_FAT_STATE_DIRTY = 0x01  # BS_Reserved1 ("state"): set while mounted read-write
+_FAT16_CLEAN, _FAT16_NO_ERRORS = 0x8000, 0x4000  # FAT entry 1 (fatgen103 ClnShutBitMask...)
+_FAT32_CLEAN, _FAT32_NO_ERRORS = 0x08000000, 0x04000000
+
+
+def _fat_dirty(boot: bytes, table: bytes, bits: int, *, fat32_layout: bool) -> str | None:
+    """Why a FAT volume is not clean, or None.
+
+    Linux (fat_set_state) and Windows NT set bit 0 of the boot sector's state byte while the
+    volume is mounted read-write; Windows clears the "clean shutdown" bit of FAT entry 1 while
+    mounted and the "no errors" bit after an I/O error (FAT16/32 only).
+    """
+    state_at = 65 if fat32_layout else 37  # BS_Reserved1, after BS_DrvNum
+    if boot[state_at + 1] in (0x28, 0x29) and boot[state_at] & _FAT_STATE_DIRTY:
+        return "is marked dirty (boot sector state): it was not cleanly unmounted"
+    if bits == 16:
+        entry1 = struct.unpack_from("<H", table, 2)[0]
+        clean, no_errors = entry1 & _FAT16_CLEAN, entry1 & _FAT16_NO_ERRORS
+    elif bits == 32:
+        entry1 = struct.unpack_from("<I", table, 4)[0]
+        clean, no_errors = entry1 & _FAT32_CLEAN, entry1 & _FAT32_NO_ERRORS
+    else:
+        return None
+    if not clean:
+        return "was not cleanly shut down (FAT entry 1)"
+    if not no_errors:
+        return "had I/O errors (FAT entry 1)"
+    return None
 
 
 _MAPPERS = {"ext": _ext_used, "xfs": _xfs_used, "ntfs": _ntfs_used, "fat": _fat_used}
@@ -600,3 +739,90 @@ def _used_from_layout(src: ByteSource, layout: DiskLayout) -> UsedMap:
         result.partitions.append(usage)
     result.ranges = merge_ranges(keep, size)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Live block devices
+
+
+def _stacked_devices(dev: str, sys_block: Path) -> set[str]:
+    """``dev`` ("major:minor") plus its partitions and the devices stacked on them (dm, md)."""
+    seen: set[str] = set()
+    todo = [dev]
+    while todo:
+        cur = todo.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        node = sys_block / cur
+        try:
+            children = [p for p in node.iterdir() if (p / "partition").exists()]
+            children += [Path("/sys/class/block") / h.name for h in (node / "holders").iterdir()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                todo.append((child / "dev").read_text().strip())
+            except OSError:
+                continue
+    return seen
+
+
+def _loop_devices_of(st: os.stat_result, sys_block: Path) -> list[str]:
+    """The loop devices ("major:minor") whose backing file is the file with stat ``st``."""
+    out: list[str] = []
+    try:
+        nodes = list(sys_block.iterdir())
+    except OSError:
+        return out
+    for node in nodes:
+        try:
+            backing = (node / "loop" / "backing_file").read_text().rstrip("\n")
+            bst = os.stat(backing)
+        except OSError:
+            continue
+        if (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
+            out.append(node.name)
+    return out
+
+
+def _unescape_mountinfo(field_text: str) -> str:
+    """Mount points in mountinfo escape space, tab, newline and backslash as ``\\ooo``."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
+
+
+def writable_mounts(
+    path: str | os.PathLike[str],
+    *,
+    mountinfo: str = "/proc/self/mountinfo",
+    sys_block: str = "/sys/dev/block",
+) -> list[str]:
+    """Mount points where block device ``path`` is mounted read-write on this host.
+
+    A partition of it or a device-mapper / md device stacked on it counts too, and for an
+    image file, the loop devices backed by it. The superblock's options decide (a read-only
+    bind mount of a read-write filesystem is still being written). ``[]`` when nobody has it
+    mounted read-write.
+    """
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        roots = [f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"]
+    elif stat.S_ISREG(st.st_mode):
+        roots = _loop_devices_of(st, Path(sys_block))
+    else:
+        return []
+    devs: set[str] = set()
+    for root in roots:
+        devs |= _stacked_devices(root, Path(sys_block))
+    out: list[str] = []
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+                super_opts = fields[sep + 3].split(",")
+            except (ValueError, IndexError):
+                continue
+            if fields[2] in devs and "rw" in super_opts:
+                out.append(_unescape_mountinfo(fields[4]))
+    return out

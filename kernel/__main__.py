@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="add the 'install' entry and the appliance disk image")  # fmt: skip
     i.add_argument("--install-dst", default="/dev/sda", help="disk the installer overwrites")
     i.add_argument("--unattended", action="store_true",
-                   help="the installer erases --install-dst without asking for 'yes'")  # fmt: skip
+                   help="the installer erases --install-dst without asking for 'yes' and "
+                   "generates the admin password (printed once)")  # fmt: skip
     i.add_argument("--default", default=RESCUE_LABEL,
                    help=f"entry booted by default ({RESCUE_LABEL} = rescue, install)")  # fmt: skip
     i.add_argument("--menu-timeout", type=int, default=DEFAULT_MENU_TIMEOUT_S,

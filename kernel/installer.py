@@ -25,8 +25,17 @@ INSTALLED SYSTEM READY``, runs DHCP (``APPLIANCE NET <if> <addr>``) and prints `
 --repo /var/lib/appliance/repo init`` and ``appliance selftest`` (store, NBD export, FUSE mount
 on a throw-away repository), later boots ``appliance ... points``; it
 prints ``APPLIANCE RESULT rc=N``, then starts the services named by ``appliance.services``
-(default ``nbd``: ``appliance nbd serve --listen 0.0.0.0:10809``, log in /var/log; ``none``) and
-keeps a shell on the console. ``appliance.halt=1`` powers off after the result instead.
+(default ``nbd``: ``appliance nbd serve --listen 0.0.0.0:10809 --tls-psk`` :data:`NBD_PSK_PATH`,
+log in /var/log; ``none``) and runs ``getty`` on the console: ``root`` logs in with the admin
+password. ``appliance.halt=1`` powers off after the result instead.
+
+Safe defaults (nothing open without a secret): the image holds no ``/etc/shadow`` (root locked);
+the installer stores the admin password's SHA-512 crypt hash there (:data:`ADMIN_SH`), and an
+image booted without the installer generates one at first boot and prints it once
+(``ADMIN PASSWORD <pw>``). NBD leaves the machine only over TLS: the first start of the ``nbd``
+service writes a random pre-shared key (``appliance:<64 hex>``, 0600) to :data:`NBD_PSK_PATH`;
+clients use a copy of that file (``nbdinfo --list
+'nbds://appliance@HOST:10809/?tls-psk-file=FILE'``).
 
 **The installer initramfs** (:func:`build_installer_initramfs`): busybox + disk/CD-ROM/iso9660
 modules; its ``/init`` (:data:`INSTALLER_INIT`) finds the install medium (``/dev/sr*``, then any
@@ -37,7 +46,11 @@ grows partition 2 and its ext4 to the end of the disk (``sfdisk -N 2``, ``e2fsck
 powers off (``install.reboot=1``: reboots). It never writes to the medium it booted from.
 Before writing it prints ``INSTALL CONFIRM ...`` and waits (``install.confirm_timeout``, default
 600 s) for ``yes`` on the console; anything else, or silence, powers off with the disk untouched.
-``install.confirm=0`` (an ISO built ``--unattended``) skips the question.
+``install.confirm=0`` (an ISO built ``--unattended``) skips the question. Then it asks for the
+admin (root) password, typed twice without echo (``INSTALL PASSWORD ...``); an empty answer,
+silence, three failed tries or ``install.password=generate`` (``--unattended``) generate one,
+printed once as ``ADMIN PASSWORD <pw>`` before ``INSTALL OK``. After writing, it mounts the new
+root and stores only the password's salted hash in ``/etc/shadow``.
 :func:`installer_iso_extras` gives :func:`kernel.iso.build_iso` the extra boot entry and files.
 
 Every product is cached under :func:`kernel.initramfs.cache_dir`, keyed by its inputs (paths,
@@ -82,7 +95,7 @@ from kernel.testdisk import DISK_MODULES, MBR_BIN, PARTITION_START_LBA, SECTOR
 log = logging.getLogger(__name__)
 
 #: Bump when the image layout changes so that stale cache entries are not reused.
-IMAGE_FORMAT_VERSION = "3"
+IMAGE_FORMAT_VERSION = "4"
 
 PYTHON = Path("/usr/bin/python3.11")
 PYTHON_STDLIB = Path("/usr/lib/python3.11")
@@ -120,7 +133,8 @@ APPLIANCE_TOOLS = (("nbdkit", "nbdkit"), ("nbdcopy", "libnbd-bin"), ("nbdinfo", 
 NBDKIT_PYTHON_PLUGIN = "nbdkit-python-plugin.so"
 #: The boot partition's tag file (``/<prefix><random>.id``) that its GRUB searches for.
 UEFI_TAG_PREFIX = "dr-appliance-boot-"
-INSTALLER_MODULES = (*DISK_MODULES, "ahci", "cdrom", "sr_mod", "isofs")
+#: ext4 lets the installer mount the written root to store the admin password's hash.
+INSTALLER_MODULES = (*DISK_MODULES, "ahci", "cdrom", "sr_mod", "isofs", "crc32c_generic", "ext4")
 #: Host tools the installer uses to grow the root partition and filesystem to the whole disk.
 INSTALLER_BINARIES = (("sfdisk", "fdisk"), ("e2fsck", "e2fsprogs"), ("resize2fs", "e2fsprogs"))
 APPLIANCE_CMDLINE = "console=ttyS0 panic=-1 quiet appliance.root=/dev/sda2"
@@ -131,6 +145,39 @@ ISO_INSTALLER_INITRD = "/boot/install.img"
 INSTALL_LABEL = "install"
 REPO_PATH = "/var/lib/appliance/repo"
 READY_MARKER = "APPLIANCE INSTALLED SYSTEM READY"
+#: The installed system's NBD TLS pre-shared key (``IDENTITY:hexkey``, 0600), made at first boot.
+NBD_PSK_PATH = "/var/lib/appliance/nbd.psk"
+NBD_PSK_IDENTITY = "appliance"
+NBD_PORT = 10809
+#: The console line that shows a generated admin password, once (at install or first boot).
+ADMIN_PASSWORD_MARKER = "ADMIN PASSWORD "  # noqa: S105 (a console marker, not a secret)
+#: Length of a generated admin password (57-character alphabet: about 93 bits).
+ADMIN_PASSWORD_CHARS = 16
+
+#: Shell functions both the installer and the installed system's init use for the admin (root)
+#: password. Random bytes come from /dev/random, which blocks only until the kernel's RNG is
+#: seeded (never weak bytes at early boot). The hash is SHA-512 crypt(3) (``$6$``) by busybox
+#: ``mkpasswd``, which busybox ``login`` checks; the password itself never touches a disk.
+#: busybox's /etc/shadow parser rejects a line whose numeric fields are empty (login then
+#: refuses every password), so the line carries them all.
+ADMIN_SH = r"""
+random_chars() {  # random_chars N: N characters without look-alikes (0/O, 1/l/I)
+    rc_out=
+    while [ ${#rc_out} -lt "$1" ]; do
+        rc_out="$rc_out$(head -c 256 /dev/random | tr -dc 'A-HJ-NP-Za-km-z2-9')"
+    done
+    printf '%s\n' "$rc_out" | cut -c "1-$1"
+}
+write_shadow() {  # write_shadow ROOT: root's password (one line on stdin) into ROOT/etc/shadow
+    ws_salt=$(random_chars 16)
+    ws_hash=$(mkpasswd -m sha512 -P 0 -S "$ws_salt") || return 1
+    case "$ws_hash" in '$6$'*) ;; *) return 1 ;; esac
+    ws_days=$(( $(date +%s) / 86400 ))
+    ( umask 077 && printf 'root:%s:%s:0:99999:7:::\n' "$ws_hash" "$ws_days" \
+        > "$1/etc/shadow.new" ) || return 1
+    chmod 600 "$1/etc/shadow.new" && mv "$1/etc/shadow.new" "$1/etc/shadow"
+}
+"""
 _CACHED_IMAGE_RE = re.compile(r"^appliance-[0-9a-f]{16}\.img(\.gz)?$")
 
 BOOT_INIT = r"""#!/bin/sh
@@ -169,6 +216,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname appliance
+@ADMIN_SH@
 halt=0
 services=nbd
 for arg in $(cat /proc/cmdline); do
@@ -193,6 +241,17 @@ net_up() {  # DHCP on the first interface that gets a lease
     echo "APPLIANCE NET none (no DHCP lease)"
 }
 net_up
+if [ ! -e /etc/shadow ]; then
+    # an image written without the installer: generate the admin password, show it once
+    pw=$(random_chars @PW_CHARS@)
+    if printf '%s\n' "$pw" | write_shadow ""; then
+        echo "ADMIN PASSWORD $pw"
+        echo "APPLIANCE ADMIN root password generated, shown once above (change: passwd -a sha512)"
+    else
+        echo "APPLIANCE ADMIN cannot set a root password: console login stays locked"
+    fi
+    pw=
+fi
 set -- $(df -k / | tail -n 1)
 echo "APPLIANCE ROOT ${2}K"
 if [ -e /var/lib/appliance/repo/config.json ]; then
@@ -218,16 +277,35 @@ mkdir -p /var/log
 for svc in $(echo "$services" | tr , ' '); do
     case "$svc" in
         nbd)
-            setsid appliance --repo /var/lib/appliance/repo nbd serve --listen 0.0.0.0:10809 \
-                > /var/log/appliance-nbd.log 2>&1 &
-            echo "APPLIANCE SERVICE nbd 0.0.0.0:10809 pid $!"
+            # NBD off loopback only with TLS: a pre-shared key made here once, kept 0600
+            psk=@PSK_PATH@
+            if [ ! -s "$psk" ]; then
+                key=$(head -c 32 /dev/random | od -An -tx1 -v | tr -d ' \n')
+                ( umask 077 && echo "@PSK_ID@:$key" > "$psk.new" ) && mv "$psk.new" "$psk" \
+                    && echo "APPLIANCE NBD PSK created $psk (clients need a copy)"
+                key=
+            fi
+            chmod 600 "$psk"
+            setsid appliance --repo /var/lib/appliance/repo nbd serve \
+                --listen 0.0.0.0:@NBD_PORT@ --tls-psk "$psk" > /var/log/appliance-nbd.log 2>&1 &
+            echo "APPLIANCE SERVICE nbd 0.0.0.0:@NBD_PORT@ pid $! tls-psk $psk identity @PSK_ID@"
             ;;
         none) ;;
         *) echo "APPLIANCE SERVICE $svc unknown (known: nbd, none)" ;;
     esac
 done
-while :; do setsid cttyhack sh -l; sleep 1; done
+# the console needs a login (root, the admin password); getty respawns after each logout
+tty=$(awk '{print $NF}' /sys/class/tty/console/active 2>/dev/null)
+[ -c "/dev/$tty" ] || tty=ttyS0
+while :; do getty -L 115200 "$tty" vt100; sleep 1; done
 """
+ROOT_INIT = (
+    ROOT_INIT.replace("@ADMIN_SH@", ADMIN_SH.strip())
+    .replace("@PW_CHARS@", str(ADMIN_PASSWORD_CHARS))
+    .replace("@PSK_PATH@", NBD_PSK_PATH)
+    .replace("@PSK_ID@", NBD_PSK_IDENTITY)
+    .replace("@NBD_PORT@", str(NBD_PORT))
+)
 
 APPLIANCE_SCRIPT = """#!/usr/bin/python3
 # DR Appliance command (kernel/installer.py), like the `appliance` console script.
@@ -250,9 +328,11 @@ do_reboot=0
 do_grow=1
 do_confirm=1
 confirm_timeout=600
+password=ask
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         install.confirm=*) do_confirm="${arg#install.confirm=}" ;;
+        install.password=*) password="${arg#install.password=}" ;;
         install.confirm_timeout=*) confirm_timeout="${arg#install.confirm_timeout=}" ;;
         install.grow=*) do_grow="${arg#install.grow=}" ;;
         install.src=*) src="${arg#install.src=}" ;;
@@ -264,6 +344,75 @@ while read -r mod; do insmod "$mod" 2>/dev/null; done < /lib/modules/load.order
 echo "INSTALLER READY"
 
 fail() { echo "INSTALL FAILED $*"; return 1; }
+@ADMIN_SH@
+read_secret() {  # read_secret VAR PROMPT: one line from the console, not echoed
+    stty -echo < /dev/console 2>/dev/null
+    echo "INSTALL PASSWORD $2"  # after stty: what is typed once the prompt shows is not echoed
+    IFS= read -r -t "$confirm_timeout" "$1" < /dev/console
+    stty echo < /dev/console 2>/dev/null
+    echo
+}
+
+ask_password() {  # sets pw (empty: generate one); asks unless install.password=generate
+    pw=
+    [ "$password" = ask ] || return 0
+    tries=0
+    while [ $tries -lt 3 ]; do
+        tries=$((tries + 1))
+        p1=
+        read_secret p1 "type the admin (root) password, or Enter to generate one:"
+        [ -n "$p1" ] || return 0
+        if [ ${#p1} -lt 8 ]; then
+            echo "INSTALL PASSWORD too short (at least 8 characters)"
+            continue
+        fi
+        p2=
+        read_secret p2 "again:"
+        if [ "$p1" = "$p2" ]; then
+            pw=$p1
+            p1= p2=
+            return 0
+        fi
+        echo "INSTALL PASSWORD the two entries differ"
+    done
+    p1= p2=
+    echo "INSTALL PASSWORD none set after 3 tries: generating one"
+}
+
+root_part() {
+    case "$dst" in
+        *[0-9]) echo "${dst}p2" ;;
+        *) echo "${dst}2" ;;
+    esac
+}
+
+set_password() {  # store the hash of $pw (generated if empty) on the installed root
+    part=$(root_part)
+    # grow() re-read the partition table; without it the kernel may not know partition 2 yet
+    [ "$do_grow" = 1 ] && [ -b "$part" ] || blockdev --rereadpt "$dst" 2>/dev/null
+    i=0
+    while [ ! -b "$part" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    generated=0
+    if [ -z "$pw" ]; then
+        pw=$(random_chars @PW_CHARS@)
+        generated=1
+    fi
+    mkdir -p /target
+    mount -t ext4 "$part" /target || { fail "cannot mount $part for the admin password"; return 1; }
+    if ! printf '%s\n' "$pw" | write_shadow /target; then
+        umount /target
+        fail "cannot store the admin password on $part"
+        return 1
+    fi
+    umount /target || { fail "cannot unmount $part"; return 1; }
+    if [ "$generated" = 1 ]; then
+        echo "ADMIN PASSWORD $pw"
+        echo "INSTALL PASSWORD generated for root (shown once, above: note it now)"
+    else
+        echo "INSTALL PASSWORD set for root"
+    fi
+    pw=
+}
 
 find_medium() {
     mkdir -p /cdrom
@@ -287,10 +436,7 @@ find_medium() {
 }
 
 grow() {
-    case "$dst" in
-        *[0-9]) part="${dst}p2" ;;
-        *) part="${dst}2" ;;
-    esac
+    part=$(root_part)
     echo ", +" | sfdisk -q --no-reread --no-tell-kernel -N 2 "$dst" >/dev/null 2>&1 \
         || { echo "INSTALL WARNING cannot grow partition 2 of $dst"; return 1; }
     blockdev --rereadpt "$dst" 2>/dev/null
@@ -317,11 +463,13 @@ install() {
         read -r -t "$confirm_timeout" answer < /dev/console
         [ "$answer" = yes ] || { fail "not confirmed, $dst untouched"; return 1; }
     fi
+    ask_password
     echo "INSTALL START $medium:$src -> $dst ($need bytes)"
     gunzip -c "/cdrom$src" | dd of="$dst" bs=1M conv=fsync 2>/dev/null \
         || { fail "write to $dst failed"; return 1; }
     sync
     [ "$do_grow" = 1 ] && grow
+    set_password || return 1
     sync
     echo "INSTALL OK $need"
 }
@@ -332,6 +480,9 @@ sync
 if [ "$do_reboot" = 1 ]; then reboot -f; fi
 poweroff -f
 """
+INSTALLER_INIT = INSTALLER_INIT.replace("@ADMIN_SH@", ADMIN_SH.strip()).replace(
+    "@PW_CHARS@", str(ADMIN_PASSWORD_CHARS)
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +637,7 @@ def populate_root(root: Path, *, project_root: Path) -> None:
     for d in ("dev", "proc", "sys", "tmp", "run", "root", "mnt", "etc", "var/lib/appliance",
               "bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "lib64"):  # fmt: skip
         (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/appliance").chmod(0o700)  # the repository and the NBD key
     shutil.copy2(busybox, root / "bin/busybox")
     applets = subprocess.run(
         [str(busybox), "--list-full"], check=True, capture_output=True, text=True
@@ -518,7 +670,15 @@ def populate_root(root: Path, *, project_root: Path) -> None:
     (root / "etc/hostname").write_text("appliance\n")
     (root / "etc/hosts").write_text("127.0.0.1 localhost appliance\n")
     (root / "etc/fstab").write_text("/dev/sda2 / ext4 rw 0 1\n")
-    (root / "etc/profile").write_text("export PS1='appliance# '\n")
+    # a login shell starts from a clean environment: give it what the init has
+    (root / "etc/profile").write_text(
+        "export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin\n"
+        "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n"
+        "export LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PS1='appliance# '\n"
+    )
+    (root / "etc/issue").write_text("DR Appliance: log in as root with the admin password\n\n")
+    # no /etc/shadow: root is locked until the installer (or the first boot) sets the password
+    (root / "root").chmod(0o700)
     (root / "etc/resolv.conf").write_text("")
     script = root / "usr/share/udhcpc/default.script"
     script.parent.mkdir(parents=True, exist_ok=True)
@@ -769,7 +929,8 @@ def installer_iso_extras(
 ) -> tuple[list[IsoEntry], dict[str, Path]]:
     """The ``install`` boot entry and the files (installer initramfs, image) for the ISO.
 
-    The installer asks for ``yes`` before it erases ``dst`` unless ``unattended``.
+    The installer asks for ``yes`` before it erases ``dst`` and for the admin password unless
+    ``unattended`` (then it generates the password and prints it once).
     """
     if any(c.isspace() for c in dst) or not dst.startswith("/dev/"):
         raise KernelBuildError(f"bad install destination {dst!r}: expected /dev/...")
@@ -781,10 +942,9 @@ def installer_iso_extras(
         kernel="/boot/vmlinuz",
         initrd=ISO_INSTALLER_INITRD,
         cmdline=f"{cmdline} install.src={ISO_IMAGE_PATH}"
-        + (" install.confirm=0" if unattended else ""),
+        + (" install.confirm=0 install.password=generate" if unattended else ""),
         description=f"install the DR Appliance on {dst} (ERASES {dst}"
         + (", without asking)" if unattended else ", asks first)"),
     )
     files = {ISO_INSTALLER_INITRD: installer.initrd, ISO_IMAGE_PATH: image_gz}
     return [entry], files
-

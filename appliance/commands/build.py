@@ -50,7 +50,8 @@ def register(sub: Any) -> None:
     n.add_argument("--menu-timeout", type=int, default=5, help="seconds the boot prompt waits")
     n.add_argument("--no-uefi", action="store_true", help="BIOS only (no GRUB EFI boot image)")
     n.add_argument("--unattended", action="store_true",
-                   help="the installer erases the disk without asking for 'yes'")  # fmt: skip
+                   help="the installer erases the disk without asking for 'yes' and generates "
+                   "the admin password (printed once)")  # fmt: skip
     n.set_defaults(func=cmd_installer_iso)
 
 

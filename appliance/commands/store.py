@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 import dedupstore as ds
 
 from .._ui import Progress, UserError, emit_json, human_bytes
-from ..cli import open_repo, passphrase, repo_path
+from ..cli import EXIT_INCOMPLETE, open_repo, passphrase, repo_path
+
+SHOW_MAX = 20  # problem lines a backup prints; the point lists them all
 
 
 def register(sub: Any) -> None:
@@ -150,13 +153,27 @@ def _used_ranges(paths: list[Path]) -> list[Any]:
         raise UserError(f"--used-only needs the image package: {exc}") from exc
     out = []
     for path in paths:
-        src = image.FileSource(path)
-        umap = image.used_ranges(src)
+        # The map is read now and the data later: a filesystem that is being written between
+        # the two would lose the blocks it allocates meanwhile.
+        busy = image.writable_mounts(path)
+        if busy:
+            raise UserError(
+                f"--used-only: {path} is mounted read-write at {', '.join(busy)}, so its "
+                "allocation map changes while it is read; back up a snapshot instead (LVM: "
+                "lvcreate --snapshot, or fsfreeze -f MOUNTPOINT while a storage snapshot is "
+                "taken), remount it read-only, or back it up without --used-only"
+            )
+        with image.FileSource(path) as src:
+            umap = image.used_ranges(src)
         out.append(umap.ranges)
     return out
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if ds.display_path(args.source) != args.source:  # undecodable argv bytes (surrogates)
+        raise UserError(f"source name '{ds.display_path(args.source)}' is not valid UTF-8")
+    if args.label is not None:
+        args.label = ds.display_path(args.label)  # free text: keep it, escaped
     used = None
     if args.what == "image" and args.used_only:
         used = _used_ranges(args.paths)
@@ -185,16 +202,45 @@ def cmd_backup(args: argparse.Namespace) -> int:
         finally:
             prog.close()
     st = point.manifest["stats"]
+    m = point.manifest
+    skipped, changed = m.get("errors") or [], m.get("changed") or []
+    # restic's convention: 3 = the point was made but some source data could not be read.
+    # A file that changed while read is stored as read and only reported (exit 0).
+    rc = EXIT_INCOMPLETE if skipped else 0
     if args.json:
-        emit_json({"point": point.name, "mode": point.mode, "parent": point.parent, "stats": st})
-        return 0
-    dur = max(st.get("duration_s", 0.0), 1e-6)
-    print(
-        f"{point.name}  {point.kind} {point.mode}  logical {human_bytes(st['logical_bytes'])}"
-        f"  read {human_bytes(st['read_bytes'])}  new {human_bytes(st['stored_bytes'])} stored"
-        f"  {st['logical_bytes'] / dur / 1e6:.0f} MB/s"
-    )
-    return 0
+        emit_json(
+            {
+                "point": point.name,
+                "mode": point.mode,
+                "parent": point.parent,
+                "stats": st,
+                "complete": not skipped,
+                "errors": skipped,
+                "changed": changed,
+            }
+        )
+    else:
+        dur = max(st.get("duration_s", 0.0), 1e-6)
+        print(
+            f"{point.name}  {point.kind} {point.mode}  logical {human_bytes(st['logical_bytes'])}"
+            f"  read {human_bytes(st['read_bytes'])}  new {human_bytes(st['stored_bytes'])} stored"
+            f"  {st['logical_bytes'] / dur / 1e6:.0f} MB/s"
+        )
+        for c in changed[:SHOW_MAX]:
+            print(f"changed while read (stored as read): {c['path']}: {c['change']}")
+        if len(changed) > SHOW_MAX:
+            print(f"... and {len(changed) - SHOW_MAX} more changed files (see 'points --json')")
+        for e in skipped[:SHOW_MAX]:
+            print(f"  not backed up: {e['path']}: {e['error']}", file=sys.stderr)
+        if len(skipped) > SHOW_MAX:
+            print(f"  ... and {len(skipped) - SHOW_MAX} more", file=sys.stderr)
+    if skipped:
+        print(
+            f"appliance: completed with errors: {len(skipped)} entries could not be read and "
+            f"are not in {point.name}",
+            file=sys.stderr,
+        )
+    return rc
 
 
 def _point_row(p: ds.Point) -> dict[str, Any]:
@@ -212,6 +258,13 @@ def _point_row(p: ds.Point) -> dict[str, Any]:
         "stored_bytes": st.get("stored_bytes", 0),
         "locked_until": p.locked_until,
         "label": m.get("label"),
+        # Points older than these fields counted skipped entries in stats.errors only.
+        "complete": bool(m.get("complete", True)) and not st.get("errors", 0),
+        "skipped": int(st.get("errors", 0)),
+        "changed": int(st.get("changed", 0)),
+        # What was left out and what changed while read, for a file-tree point.
+        "errors": list(m.get("errors") or []),
+        "changed_files": list(m.get("changed") or []),
     }
     if p.kind == "image":
         row["disks"] = [{"name": d["name"], "size": d["size"]} for d in m["disks"]]
@@ -230,6 +283,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     print(f"{'POINT':<40} {'KIND':<6} {'MODE':<12} {'TIME':<21} {'LOGICAL':>10} {'NEW':>10}")
     for r in rows:
         lock = "  locked" if r["locked_until"] and r["locked_until"] > time.time() else ""
+        if not r["complete"]:
+            lock += f"  INCOMPLETE ({r['skipped']} skipped)"
         print(
             f"{r['name']:<40} {r['kind']:<6} {r['mode']:<12} {r['time']:<21} "
             f"{human_bytes(r['logical_bytes']):>10} {human_bytes(r['stored_bytes']):>10}{lock}"
