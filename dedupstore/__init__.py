@@ -14,7 +14,18 @@ Design (see README "How the store is laid out on disk"):
 * Crash safety: packs are sealed and fsynced before the index points into them; a point is
   committed last. A killed writer's unsealed pack is salvaged by the next writer.
 * Locking: one writer process (flock on `lock`); any number of concurrent readers (LMDB MVCC).
-* GC: mark from every point, sweep the index, then compact packs whose live share is low.
+  Each read-only open holds a lease (`readers/<pid>-...lock`, flock-held; _readers.py).
+* GC: mark from every point, every point deleted less than the grace period (24 h) ago and
+  every point deleted after the oldest live reader lease started; sweep the index, then
+  compact packs whose live share is low. An unindexed pack is deleted only if the writer
+  recorded creating it (meta `writing`) or it is provably empty; others go to `quarantine/`.
+* Healing: `verify` re-hashes every chunk and marks damaged ones bad in the index; a bad
+  chunk counts as absent, so the next backup producing it (full, or incremental: the
+  fingerprint shortcut checks the index too) stores a fresh copy that replaces it.
+  `repair_chunks` repoints marks to intact copies found in packs and drops damaged copies;
+  `rebuild_index` salvages every crc-intact entry of a damaged pack.
+* Every msgpack value in LMDB carries an xxh3 and point manifests are re-hashed against
+  their chunk id when read: a damaged record is a StoreError naming it, never wrong data.
 
 This module is the only import surface of the package.
 """
@@ -56,6 +67,8 @@ from ._imagepoint import (
     synthesize,
 )
 from ._maint import (
+    DEFAULT_GRACE_S,
+    ChunkRepairReport,
     GcReport,
     RebuildReport,
     VerifyReport,
@@ -66,6 +79,8 @@ from ._maint import (
     protected_points,
     prune_plan,
     rebuild_index,
+    refuse_under_readers,
+    repair_chunks,
     stats,
     verify,
 )
@@ -84,6 +99,7 @@ from ._overlay import (
     overlays_on,
     sync_overlays,
 )
+from ._readers import ReaderInfo, live_readers
 from ._repo import Point, PutResult, Repository, split_ref
 from .errors import (
     AlreadyExists,
@@ -101,12 +117,14 @@ from .errors import (
 from .formats import ZERO_ID, ChunkId, Kind
 
 __all__ = [
+    "DEFAULT_GRACE_S",
     "KEY_FD_ENV",
     "ZERO_ID",
     "AlreadyExists",
     "ChunkCorrupt",
     "ChunkId",
     "ChunkMissing",
+    "ChunkRepairReport",
     "Dest",
     "DestMeta",
     "DiskReader",
@@ -129,6 +147,7 @@ __all__ = [
     "Point",
     "PutResult",
     "ReadOnly",
+    "ReaderInfo",
     "RebuildReport",
     "RepoConfig",
     "Repository",
@@ -154,6 +173,7 @@ __all__ = [
     "inherited_keys",
     "list_keys",
     "list_overlays",
+    "live_readers",
     "open_overlay",
     "open_tree",
     "overlay_catalogue_lock",
@@ -167,7 +187,9 @@ __all__ = [
     "protected_points",
     "prune_plan",
     "rebuild_index",
+    "refuse_under_readers",
     "remove_key",
+    "repair_chunks",
     "restore_image",
     "restore_tree",
     "set_fd_meta",

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
-from .errors import ChunkCorrupt
+from .errors import ChunkCorrupt, ChunkMissing
 from .formats import (
     INNER_ENTRY_BYTES,
     LEAF_ENTRY_BYTES,
@@ -121,9 +121,15 @@ class BlockMap:
             if page is not None:
                 self._cache.move_to_end(pid)
                 return page
-        page = self._get(pid)
+        try:
+            page = self._get(pid)
+        except (ChunkMissing, ChunkCorrupt) as exc:
+            setattr(exc, "page_id", pid)  # noqa: B010  # which page failed (healing marks it)
+            raise
         if len(page) % entry_bytes or len(page) > PAGE_FANOUT * entry_bytes:
-            raise ChunkCorrupt(f"block-map page {pid.hex()[:16]} has a bad length {len(page)}")
+            exc2 = ChunkCorrupt(f"block-map page {pid.hex()[:16]} has a bad length {len(page)}")
+            setattr(exc2, "page_id", pid)  # noqa: B010
+            raise exc2
         with self._lock:
             self._cache[pid] = page
             while len(self._cache) > self._cache_pages:

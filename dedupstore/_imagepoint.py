@@ -11,7 +11,10 @@ unreferenced and go at the next gc).
 
 Change detection: each leaf entry keeps an xxh3-128 fingerprint of its block. An incremental
 or differential point hashes a block with the (slow) content hash only when its fingerprint
-differs from the base point's entry for the same block; unchanged blocks reuse the base's id.
+differs from the base point's entry for the same block; unchanged blocks reuse the base's id,
+but only while the index holds that id and has not marked it bad (else the block is hashed
+and stored again: that is how a damaged chunk heals). A base whose block map cannot be read
+turns the rest of the pass into a full one (a WARNING, and a note in the point's manifest).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import xxhash
 
 from ._blockmap import BlockMap, BlockMapBuilder, zero_runs
 from ._repo import Point, Repository, validate_source_name
-from .errors import InvalidArgument, Locked, NotFound, StoreError
+from .errors import ChunkCorrupt, ChunkMissing, InvalidArgument, Locked, NotFound, StoreError
 from .formats import ZERO_FP, ZERO_ID, ChunkId, Kind
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,7 @@ class _Ingest:
         self.done_before = done_before
         self.bs = repo.block_size
         self.zero_block = bytes(self.bs)
+        self.notes: list[str] = []
 
     def _read_and_work(
         self,
@@ -134,6 +138,7 @@ class _Ingest:
         codec = self.repo.codec
         out: list[_BlockResult | None] = []
         todo: list[tuple[int, bytes, bytes]] = []
+        reuse: list[tuple[int, bytes, bytes]] = []
         view = memoryview(data)
         for i in range(0, len(data), bs):
             blk = view[i : i + bs]
@@ -142,13 +147,25 @@ class _Ingest:
                 out.append(_BlockResult(ZERO_ID, ZERO_FP, 0, None, len(blk), False))
                 continue
             fp = xxhash.xxh3_128_digest(blk)
-            if prev is not None and k < len(prev) and prev[k][1] == fp and prev[k][0] != ZERO_ID:
-                out.append(_BlockResult(prev[k][0], fp, 0, None, len(blk), True))
-                continue
-            cid = codec.chunk_id(blk)
             out.append(None)
-            todo.append((len(out) - 1, cid, fp))
+            if prev is not None and k < len(prev) and prev[k][1] == fp and prev[k][0] != ZERO_ID:
+                reuse.append((len(out) - 1, prev[k][0], fp))
+            else:
+                todo.append((len(out) - 1, b"", fp))
+        if reuse:
+            # Reuse the base's id only if the index holds it and it is not marked bad: an id
+            # that is gone or damaged is hashed and stored again below.
+            ok = self.repo.index.has_many([c for _i, c, _f in reuse])
+            for (pos, rcid, rfp), is_ok in zip(reuse, ok, strict=True):
+                if is_ok:
+                    n = len(view[pos * bs : pos * bs + bs])
+                    out[pos] = _BlockResult(rcid, rfp, 0, None, n, True)
+                else:
+                    todo.append((pos, b"", rfp))
         if todo:
+            todo = [
+                (pos, codec.chunk_id(view[pos * bs : pos * bs + bs]), tfp) for pos, _c, tfp in todo
+            ]
             known = self.repo.index.has_many([c for _i, c, _f in todo])
             for (pos, tcid, tfp), is_known in zip(todo, known, strict=True):
                 blk = view[pos * bs : pos * bs + bs]
@@ -173,6 +190,7 @@ class _Ingest:
             base_iter: Iterator[tuple[ChunkId, bytes]] | None = None
             if base is not None:
                 base_iter = base.entries(0, min(base.n_blocks, n_blocks))
+            base_iter = self._guarded(base_iter, path)
             window = 3 * worker_count()
             done = 0
             for first in range(0, n_blocks, BATCH_BLOCKS):
@@ -223,6 +241,37 @@ class _Ingest:
                 fut.cancel()
             wait(inflight)
             os.close(fd)
+
+    def _guarded(
+        self, it: Iterator[tuple[ChunkId, bytes]] | None, path: Path
+    ) -> Iterator[tuple[ChunkId, bytes]] | None:
+        """The base's entries, ending early (the rest of the pass hashes every block) when
+        a page of the base's block map cannot be read: a damaged base never fails a chain."""
+        if it is None:
+            return None
+
+        def gen() -> Iterator[tuple[ChunkId, bytes]]:
+            n = 0
+            try:
+                for entry in it:
+                    yield entry
+                    n += 1
+            except (ChunkMissing, ChunkCorrupt) as exc:
+                note = f"base block map of {path} unreadable from block {n} ({exc}): full pass"
+                log.warning("%s", note)
+                self.notes.append(note)
+                self._mark_page_bad(getattr(exc, "page_id", None), str(exc))
+
+        return gen()
+
+    def _mark_page_bad(self, page_id: bytes | None, reason: str) -> None:
+        """Mark the base's unreadable page bad, so this point's identical page is stored
+        afresh instead of deduplicating onto the damaged copy."""
+        if page_id is None:
+            return
+        loc = self.repo.index.lookup(page_id)
+        if loc is not None:
+            self.repo.index.mark_bad([(page_id, loc, reason, [])])
 
     def _report(self, done: int) -> None:
         if self.progress is not None:
@@ -398,6 +447,9 @@ def backup_image(
         "label": label,
         "stats": {**stats.as_dict(), "duration_s": round(time.time() - started, 3)},
     }
+    if ingest.notes:
+        manifest["notes"] = ingest.notes  # and in the stats: the job's result shows them
+        manifest["stats"]["notes"] = ingest.notes
     return repo.commit_point(manifest)
 
 

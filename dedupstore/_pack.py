@@ -275,3 +275,80 @@ def _walk(
         # Entries that failed their crc are reported above; keep the rest usable.
         pass
     return entries, pos, problems
+
+
+def salvage_pack(path: Path) -> PackScan:
+    """Every intact entry of a pack whose header, table or some entries are damaged.
+
+    Entries are self-describing: a tag, a header crc and a payload crc. This scans the whole
+    file for the tag, keeps each entry whose header and payload crcs check, and resumes the
+    search after anything damaged, so one bad byte costs at most the entry it hit. The pack
+    id and tier come from the header when it is intact, else from the file's path
+    (packs/<tier>/<xx>/<id>.pack). Raises FormatError when the name is not a pack id.
+    """
+    try:
+        pid_from_name = int(path.stem, 16)
+    except ValueError:
+        raise FormatError(f"{path.name}: not a pack file name") from None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        problems: list[str] = []
+        try:
+            pack_id, tier = read_header(fd)
+            if pack_id != pid_from_name:
+                problems.append(f"header names pack {pack_id:016x}")
+                pack_id = pid_from_name
+        except FormatError as exc:
+            problems.append(f"header damaged: {exc}")
+            pack_id, tier = pid_from_name, path.parent.parent.name
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0) if size else b""
+    finally:
+        os.close(fd)
+    entries: list[PackEntry] = []
+    pos = data.find(ENTRY_TAG, PACK_HEADER.size if size >= PACK_HEADER.size else 0)
+    end = PACK_HEADER.size
+    while pos >= 0 and pos + ENTRY_HEADER.size <= size:
+        head = data[pos : pos + ENTRY_HEADER.size]
+        _tag, kind, codec, _flags, cid, stored, raw, crc, hcrc = ENTRY_HEADER.unpack(head)
+        payload_off = pos + ENTRY_HEADER.size
+        if (
+            zlib.crc32(head[:ENTRY_HEADER_CRC_SPAN]) != hcrc
+            or stored > MAX_CHUNK_BYTES
+            or raw > MAX_CHUNK_BYTES
+            or payload_off + stored > size
+        ):
+            pos = data.find(ENTRY_TAG, pos + 1)  # not an entry (or a damaged one): resync
+            continue
+        if zlib.crc32(data[payload_off : payload_off + stored]) != crc:
+            problems.append(f"payload checksum mismatch at offset {pos} (chunk {cid.hex()[:16]})")
+            pos = data.find(ENTRY_TAG, pos + 1)
+            continue
+        entries.append(PackEntry(ChunkId(cid), payload_off, stored, raw, kind, codec))
+        end = payload_off + stored
+        pos = data.find(ENTRY_TAG, end)
+    return PackScan(pack_id, tier, entries, False, max(end, size), problems)
+
+
+def pack_is_empty(path: Path) -> bool:
+    """True only when a pack provably holds no entry: no bytes past a valid header, or a
+    valid header followed only by an empty table's footer."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            read_header(fd)
+        except FormatError:
+            return False
+        if size == PACK_HEADER.size:
+            return True
+        if size != PACK_HEADER.size + PACK_FOOTER.size:
+            return False
+        magic, count, table_off, _crc = PACK_FOOTER.unpack(
+            os.pread(fd, PACK_FOOTER.size, PACK_HEADER.size)
+        )
+        return bool(magic == FOOTER_MAGIC and count == 0 and table_off == PACK_HEADER.size)
+    finally:
+        os.close(fd)

@@ -10,6 +10,12 @@ the same commit that indexes the pack holding its manifest, after every pack it 
 was sealed. A killed writer leaves an unsealed pack: the next writer salvages every intact
 entry into the index (so a re-run of the same backup finds those chunks), and a reader never
 sees a point whose chunks are not durable.
+
+Healing: a chunk that `verify` found damaged is marked bad in the index and counts as
+absent to `has`/`has_many`, so the next backup that produces it stores a fresh copy, and
+indexing that copy clears the mark. Every read-only open holds a reader lease
+(_readers.py) that GC and `rebuild_index` honour. Deleted points keep their record (in the
+index's `deleted` table) until GC purges it after the grace period.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from ._config import (
 from ._index import Index, Loc, point_key
 from ._lockfile import take_flock
 from ._pack import PackWriter, pack_path, scan_pack
+from ._readers import ReaderLease
 from .errors import (
     ChunkCorrupt,
     ChunkMissing,
@@ -132,7 +139,13 @@ class Repository:
     """One open repository. Use `Repository.open(...)` or `Repository.create(...)`."""
 
     def __init__(
-        self, root: Path, cfg: RepoConfig, codec: ChunkCodec, index: Index, lock_fd: int | None
+        self,
+        root: Path,
+        cfg: RepoConfig,
+        codec: ChunkCodec,
+        index: Index,
+        lock_fd: int | None,
+        lease: ReaderLease | None = None,
     ) -> None:
         self.root = root
         self.config = cfg
@@ -144,6 +157,7 @@ class Repository:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._fd_lock = threading.Lock()
         self._closed = False
+        self._lease = lease
 
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
@@ -204,13 +218,18 @@ class Repository:
         codec_id, level = parse_compression(cfg.compression)
         codec = ChunkCodec(cfg.hash, codec_id, level, keys)
         lock_fd = _take_writer_lock(root) if writable else None
+        # A reader's lease is taken before it reads the catalogue: GC keeps every point
+        # deleted after the lease started (the reader may have seen it).
+        lease = None if writable else ReaderLease.take(root)
         try:
             index = Index(root / "index", readonly=not writable, keys=keys)
         except Exception:
             if lock_fd is not None:
                 os.close(lock_fd)
+            if lease is not None:
+                lease.release()
             raise
-        repo = cls(root, cfg, codec, index, lock_fd)
+        repo = cls(root, cfg, codec, index, lock_fd, lease)
         if writable:
             repo._recover()
         return repo
@@ -238,6 +257,9 @@ class Repository:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
 
     @property
     def keys(self) -> Keys | None:
@@ -293,7 +315,12 @@ class Repository:
                 return
             scan = scan_pack(path)
         except (FormatError, OSError) as exc:
-            log.warning("ignoring unreadable pack %s: %s", path, exc)
+            log.warning(
+                "ignoring unreadable pack %s: %s (gc moves it to quarantine/; "
+                "appliance repair --rebuild-index salvages its intact entries)",
+                path,
+                exc,
+            )
             return
         if not scan.entries:
             log.info("removing empty unsealed pack %s", path)
@@ -313,19 +340,51 @@ class Repository:
             packs=[
                 (scan.pack_id, {"tier": scan.tier, "size": scan.valid_end, "sealed": scan.sealed})
             ],
+            meta=self._writing_without(scan.pack_id),
             only_new_chunks=True,
         )
+
+    # -- packs being written ------------------------------------------------------------
+    def writing_packs(self) -> set[int]:
+        """Packs this repository's writer created and has not indexed yet (meta `writing`).
+
+        Only these (and provably empty packs) may GC delete unindexed: they hold nothing a
+        committed point references.
+        """
+        return {int(x) for x in self.index.get_meta("writing") or []}
+
+    def open_pack_id(self) -> int | None:
+        """The pack being written now (not indexed until the next flush), if any."""
+        return self._pending.writer.pack_id if self._pending is not None else None
+
+    def _writing_without(self, pack_id: int) -> list[tuple[str, Any]]:
+        writing = self.writing_packs()
+        if pack_id not in writing:
+            return []
+        writing.discard(pack_id)
+        return [("writing", sorted(writing) or None)]
 
     # -- chunk layer --------------------------------------------------------------------
     def chunk_id(self, data: bytes | memoryview) -> ChunkId:
         return self.codec.chunk_id(data)
 
     def has(self, cid: bytes) -> bool:
+        """Whether the chunk is stored and not marked bad (a bad one counts as absent)."""
         if cid == ZERO_ID:
             return True
         if self._pending is not None and cid in self._pending.ids:
             return True
-        return self.index.lookup(cid) is not None
+        return self.index.has_many([cid])[0]
+
+    def has_many(self, cids: list[bytes]) -> list[bool]:
+        """`has` for a batch, in one index transaction."""
+        out = self.index.has_many(cids)
+        pend = self._pending.ids if self._pending is not None else {}
+        return [known or c == ZERO_ID or c in pend for c, known in zip(cids, out, strict=True)]
+
+    def bad_chunks(self) -> dict[ChunkId, dict[str, Any]]:
+        """Chunks `verify` marked damaged: id -> {loc, reason, time_ns, points}."""
+        return self.index.bad_chunks()
 
     def put(self, kind: Kind, data: bytes, cid: ChunkId | None = None) -> PutResult:
         """Store one chunk unless present. Writer thread only."""
@@ -353,7 +412,9 @@ class Repository:
 
     def _new_pack_writer(self, tier: str = DEFAULT_TIER) -> PackWriter:
         pid = int(self.index.get_meta("next_pack") or 1)
-        self.index.commit(meta=[("next_pack", pid + 1)])
+        # recorded before the file exists: GC may delete an unindexed pack only if we wrote it
+        writing = sorted(self.writing_packs() | {pid})
+        self.index.commit(meta=[("next_pack", pid + 1), ("writing", writing)])
         return PackWriter(self.root, tier, pid)
 
     def flush(
@@ -362,10 +423,12 @@ class Repository:
         points: list[tuple[bytes, dict[str, Any] | None]] | None = None,
         files: list[tuple[bytes, dict[str, Any] | None]] | None = None,
         meta: list[tuple[str, Any]] | None = None,
+        deleted: list[tuple[bytes, dict[str, Any] | None]] | None = None,
     ) -> None:
         """Seal the open pack, then commit its entries (and catalogue changes) durably."""
         chunks: list[tuple[bytes, Loc]] = []
         packs: list[tuple[int, dict[str, Any]]] = []
+        meta = list(meta or ())
         if self._pending is not None:
             p, self._pending = self._pending, None
             try:
@@ -377,13 +440,15 @@ class Repository:
             packs = [
                 (p.writer.pack_id, {"tier": p.writer.tier, "size": p.writer.size, "sealed": True})
             ]
-        if chunks or points or files or meta:
+            meta += self._writing_without(p.writer.pack_id)
+        if chunks or points or files or meta or deleted:
             self.index.commit(
                 chunks=chunks,
                 packs=packs,
                 points=points or (),
                 files=files or (),
-                meta=meta or (),
+                meta=meta,
+                deleted=deleted or (),
             )
 
     def _pack_fd(self, pack_id: int) -> int:
@@ -490,18 +555,44 @@ class Repository:
         data = msgpack.packb(obj)
         return self.codec.chunk_id(data), data
 
-    def _decode_record(self, rec: dict[str, Any]) -> dict[str, Any]:
-        cid = bytes(rec["c"])
-        data = self.codec.open_payload(Kind.POINT, rec["codec"], cid, bytes(rec["m"]), rec["raw"])
-        obj = msgpack.unpackb(data)
+    def _decode_record(self, rec: dict[str, Any], name: str = "?") -> dict[str, Any]:
+        """The manifest of a catalogue record, checked against its chunk id before use.
+
+        Raises ChunkCorrupt naming the record when it is damaged (never returns wrong data).
+        """
+        try:
+            cid = bytes(rec["c"])
+            data = self.codec.open_payload(
+                Kind.POINT, int(rec["codec"]), cid, bytes(rec["m"]), int(rec["raw"])
+            )
+        except (KeyError, TypeError, ValueError, StoreError) as exc:
+            raise ChunkCorrupt(
+                f"catalogue record of {name} is damaged ({exc}); "
+                "appliance repair --rebuild-index recreates it from the packs"
+            ) from exc
+        if self.codec.chunk_id(data) != cid:
+            raise ChunkCorrupt(
+                f"catalogue record of {name} is damaged (manifest does not match its id "
+                f"{cid.hex()[:16]}); appliance repair --rebuild-index recreates it from the packs"
+            )
+        try:
+            obj = msgpack.unpackb(data)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise FormatError(f"manifest of {name} does not decode: {exc}") from exc
         if not isinstance(obj, dict):
-            raise FormatError("point manifest is not a map")
+            raise FormatError(f"manifest of {name} is not a map")
         return obj
 
     def _point_from(self, source: str, pid: str, rec: dict[str, Any]) -> Point:
-        return Point(
-            source, pid, self._decode_record(rec), ChunkId(bytes(rec["c"])), rec.get("lock")
-        )
+        manifest = self._decode_record(rec, f"{source}@{pid}")
+        return Point(source, pid, manifest, ChunkId(bytes(rec["c"])), rec.get("lock"))
+
+    def deleted_points(self) -> list[tuple[Point, int]]:
+        """Deleted points still in the GC grace period, with their deletion time (ns)."""
+        out = []
+        for s, p, r in self.index.deleted_records():
+            out.append((self._point_from(s, p, r), int(r.get("deleted_ns", 0))))
+        return out
 
     def list_points(self, source: str | None = None) -> list[Point]:
         """Points ordered by source, then time (point ids sort chronologically)."""
@@ -511,6 +602,13 @@ class Repository:
         return sorted({s for s, _p, _r in self.index.point_records()})
 
     def resolve(self, ref: str) -> Point:
+        """The point `ref` names; a reader's lease then names it too (GC keeps it)."""
+        point = self._resolve(ref)
+        if self._lease is not None:
+            self._lease.add_point(point.name)
+        return point
+
+    def _resolve(self, ref: str) -> Point:
         source, pid = split_ref(ref)
         if pid == "latest":
             recs = self.index.point_records(source)
@@ -560,7 +658,13 @@ class Repository:
         self._check_unlocked(point, force=force)
         tomb = {"tombstone": point.name, "time_ns": time.time_ns()}
         self.put(Kind.TOMBSTONE, msgpack.packb(tomb))
-        self.flush(points=[(point_key(point.source, point.id), None)])
+        key = point_key(point.source, point.id)
+        rec = self.index.point_record(point.source, point.id)
+        # the record stays in `deleted` until GC's grace period is over (readers may hold it)
+        moved: list[tuple[bytes, dict[str, Any] | None]] = []
+        if rec is not None:
+            moved.append((key, {**rec, "deleted_ns": tomb["time_ns"]}))
+        self.flush(points=[(key, None)], deleted=moved)
 
     def _check_unlocked(self, point: Point, *, force: bool) -> None:
         """Refuse to delete a locked point: always in an immutable repository, else unless

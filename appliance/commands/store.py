@@ -104,11 +104,25 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("gc", help="remove unreferenced chunks and compact packs")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=ds.DEFAULT_GRACE_S / 3600,
+        metavar="HOURS",
+        help="keep what points deleted less than HOURS ago used (default 24; 0 = none)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("verify", help="re-read and re-hash chunks; name damaged points")
+    p = sub.add_parser(
+        "verify", help="re-read and re-hash chunks; name damaged points, mark damaged chunks"
+    )
     p.add_argument("point", nargs="?")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="then replace damaged chunks from good copies (as 'repair --chunks')",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -121,11 +135,16 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("repair", help="repair the repository")
-    p.add_argument(
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
         "--rebuild-index",
         action="store_true",
-        required=True,
         help="recreate the index and catalogue from the pack files",
+    )
+    how.add_argument(
+        "--chunks",
+        action="store_true",
+        help="replace chunks verify marked damaged by good copies; drop the damaged copies",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_repair)
@@ -417,13 +436,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
     with open_repo(args, writable=True) as repo:
         p = repo.resolve(args.point)
         ds.delete_point(repo, p)
-    print(f"deleted {p.name}; run 'appliance gc' to reclaim the space")
+    print(
+        f"deleted {p.name}; 'appliance gc' reclaims the space once the grace period "
+        f"({ds.DEFAULT_GRACE_S / 3600:g} h) is over"
+    )
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_repo(args, writable=True) as repo:
-        rep = ds.gc(repo, dry_run=args.dry_run)
+        if args.grace < 0:
+            raise UserError("--grace must be >= 0 hours")
+        rep = ds.gc(repo, dry_run=args.dry_run, grace_s=args.grace * 3600)
     if args.json:
         emit_json(rep.as_dict())
     else:
@@ -433,10 +457,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"deleted {rep.packs_deleted}; packs {human_bytes(rep.bytes_before)} -> "
             f"{human_bytes(rep.bytes_after)}"
         )
+        if rep.deleted_points_kept:
+            print(
+                f"kept the data of {rep.deleted_points_kept} deleted point(s) "
+                "(grace period or live readers)"
+            )
+        if rep.packs_quarantined:
+            print(f"moved {rep.packs_quarantined} unreadable pack(s) to quarantine/")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    # Read-only: marking damaged chunks is one index transaction any reader may commit.
     with open_repo(args) as repo:
         point = repo.resolve(args.point) if args.point else None
         prog = Progress("verify")
@@ -444,8 +476,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             rep = ds.verify(repo, point, progress=prog)
         finally:
             prog.close()
+    fixed = None
+    if args.repair and not rep.ok:
+        with open_repo(args, writable=True) as repo:
+            fixed = ds.repair_chunks(repo)
     if args.json:
-        emit_json(rep.as_dict())
+        out = rep.as_dict()
+        if fixed is not None:
+            out["repair"] = fixed.as_dict()
+        emit_json(out)
     else:
         print(
             f"checked {rep.chunks_checked} chunks ({human_bytes(rep.bytes_checked)}), "
@@ -460,6 +499,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for note in rep.notes:
             print(f"note: {note}")
         print("OK" if rep.ok else "verify FAILED")
+        if fixed is not None:
+            _print_chunk_repair(fixed)
     return 0 if rep.ok else 1
 
 
@@ -491,7 +532,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_chunk_repair(rep: ds.ChunkRepairReport) -> None:
+    for cid, where in rep.replaced.items():
+        print(f"replaced damaged chunk {cid[:16]} by its good copy in {where}")
+    for cid, why in rep.cleared.items():
+        print(f"cleared the mark of chunk {cid[:16]}: {why}")
+    for cid, points in rep.unrepairable.items():
+        users = ", ".join(points) or "no point recorded"
+        print(
+            f"NO GOOD COPY of chunk {cid[:16]} (used by {users}): the next backup of its "
+            "source stores it again"
+        )
+    print(
+        f"{rep.marked} chunk(s) marked damaged: {len(rep.replaced)} replaced, "
+        f"{len(rep.cleared)} cleared, {len(rep.unrepairable)} without a good copy; "
+        f"{rep.packs_rewritten} pack(s) rewritten without their damaged copies"
+    )
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
+    if args.chunks:
+        with open_repo(args, writable=True) as repo:
+            crep = ds.repair_chunks(repo)
+        if args.json:
+            emit_json(crep.as_dict())
+        else:
+            _print_chunk_repair(crep)
+        return 0 if crep.ok else 1
+    readers = ds.live_readers(repo_path(args))
+    if readers:
+        names = ", ".join(r.describe() for r in readers)
+        raise UserError(
+            f"cannot rebuild the index while the repository has live readers: {names} "
+            "(stop them first: appliance umount / export stop)"
+        )
     try:
         with open_repo(args, writable=True):
             pass

@@ -74,7 +74,7 @@ def test_gc_reclaims_and_keeps_live_data(repo_dir: Path, tmp_path: Path) -> None
         pb = backup_image(repo, [b], source="b", mode="full")
         before = stats(repo)["stored_bytes"]
         repo.delete_point(pa)
-        rep = gc(repo)
+        rep = gc(repo, grace_s=0)
         after = stats(repo)["stored_bytes"]
         assert rep.deleted_chunks > 0
         assert after < before * 0.75
@@ -84,7 +84,7 @@ def test_gc_reclaims_and_keeps_live_data(repo_dir: Path, tmp_path: Path) -> None
     assert sha256_file(out) == sha256_file(b)
     # GC again with nothing to do changes nothing
     with Repository.open(repo_dir, writable=True) as repo:
-        rep2 = gc(repo)
+        rep2 = gc(repo, grace_s=0)
         assert rep2.deleted_chunks == 0
 
 

@@ -76,7 +76,7 @@ class StoreModel(RuleBasedStateMachine):
 
     @rule()
     def collect(self) -> None:
-        gc(self.repo, compact_below=0.9)
+        gc(self.repo, compact_below=0.9, grace_s=0)
 
     @rule()
     def crash_and_reopen(self) -> None:
