@@ -285,11 +285,20 @@ class AssignmentStore:
                     if a.once:
                         machines[mac] = Assignment(mac, "local", None, True, time.time_ns())
                     else:
-                        machines[mac] = replace(a, token=secrets.token_hex(16), fetched_ns=0,
-                                                pinned=None, updated_ns=time.time_ns())
+                        machines[mac] = replace(
+                            a,
+                            token=secrets.token_hex(16),
+                            fetched_ns=0,
+                            pinned=None,
+                            updated_ns=time.time_ns(),
+                        )
                     self._write(machines)
-                    log.info("%s: rescue of %s reported done; next boot is %s", mac,
-                             a.pinned or a.point, "local" if a.once else "rescue again")
+                    log.info(
+                        "%s: rescue of %s reported done; next boot is %s",
+                        mac,
+                        a.pinned or a.point,
+                        "local" if a.once else "rescue again",
+                    )
                     return a
         return None
 
@@ -307,8 +316,13 @@ class AssignmentStore:
         """Point ids the NBD server may export now: the pinned points of rescue assignments
         whose script was handed out and whose restore has not reported success."""
         with self._locked():
-            return sorted({a.pinned for a in self._read().values()
-                           if a.action == "rescue" and a.fetched_ns and a.pinned})
+            return sorted(
+                {
+                    a.pinned
+                    for a in self._read().values()
+                    if a.action == "rescue" and a.fetched_ns and a.pinned
+                }
+            )
 
 
 @dataclass(frozen=True, slots=True)

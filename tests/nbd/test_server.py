@@ -337,7 +337,7 @@ def test_cli_serve_off_loopback_without_tls_is_refused(repo_image: RepoImage,
 
 
 def test_server_refuses_off_loopback_without_tls(repo_image: RepoImage) -> None:
-    with pytest.raises(NbdServerError, match="--tls-psk FILE.*--insecure"):
+    with pytest.raises(NbdServerError, match=r"--tls-psk FILE.*--insecure"):
         NbdServer(repo_image.root, listen="0.0.0.0:0").start()
 
 
