@@ -103,6 +103,7 @@ RESCUE_PSK_PATH = "/etc/nbd.psk"  # where the rescue init writes restore.psk
 RESCUE_BASE_CMDLINE = "console=tty0 console=ttyS0 panic=-1 quiet"
 SAN_DISK = "disk0"
 NBD_START_TIMEOUT_S = 30.0
+SUPERVISE_S = 2.0  # how often `pxe serve` checks its iSCSI sessions
 # Also an overlay name and (lower-cased) part of an IQN.
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -230,6 +231,32 @@ class IscsiSessions:
     def _session(self, name: str) -> dict[str, Any] | None:
         return _read_json(self.dir / name / "session.json")
 
+    def get(self, name: str) -> dict[str, Any] | None:
+        """Session `name` as recorded (None: no such session)."""
+        return self._session(name)
+
+    def revive(self) -> list[str]:
+        """Supervision: restart every recorded session of this repository that is down (its
+        target vanished, e.g. tgtd died, or a helper died), on its point and overlay, with the
+        same CHAP credentials. Returns the names restarted; a failure is logged, not raised."""
+        revived = []
+        for name in self._session_names():
+            with self._locked():
+                s = self._session(name)
+                if s is None or self._alive(s):
+                    continue
+                log.warning("iSCSI session %s is down: restarting it", name)
+                try:
+                    self._teardown(s)
+                    creds = (Chap(s["chap_user"], s["chap_secret"])
+                             if s.get("chap_user") else None)  # fmt: skip
+                    self._create(s["point"], name, chap=creds is not None, creds=creds)
+                except (UserError, ds.StoreError, IscsiError, OSError) as exc:
+                    log.error("iSCSI session %s could not be restarted: %s", name, exc)
+                    continue
+            revived.append(name)
+        return revived
+
     def list(self) -> list[dict[str, Any]]:
         """Every recorded session with liveness of its helpers and target."""
         out = []
@@ -289,7 +316,9 @@ class IscsiSessions:
         s["chap_secret"] = creds.secret
         _write_json(self.dir / s["name"] / "session.json", s)
 
-    def _create(self, point_ref: str, name: str, *, chap: bool) -> dict[str, Any]:
+    def _create(
+        self, point_ref: str, name: str, *, chap: bool, creds: Chap | None = None
+    ) -> dict[str, Any]:
         sdir = self.dir / name
         sdir.mkdir(parents=True, exist_ok=True)
         sdir.chmod(0o700)  # its NBD socket serves the overlay writable
@@ -315,7 +344,8 @@ class IscsiSessions:
             "nbd_server": {"pid": 0, "start_ticks": 0},
             "disks": [],
         }
-        creds = Chap.generate(f"dr-{repo_id[:8]}-{name}") if chap else None
+        if creds is None and chap:
+            creds = Chap.generate(f"dr-{repo_id[:8]}-{name}")
         s["chap_user"] = creds.user if creds else None
         s["chap_secret"] = creds.secret if creds else None
         try:
@@ -465,8 +495,13 @@ class BootPlanner:
         self.store = assignments(root)
 
     def _pin(self, a: Assignment) -> str:
-        """The point id the script is made for (`@latest` resolved now, once)."""
+        """The point id the script is made for (`@latest` resolved now, once; SAN boot: the
+        point its session was made on at assignment)."""
         assert a.point is not None
+        if a.action == "sanboot":
+            s = self.sessions.get(pxe_session_name(a.mac))
+            if s is not None:
+                return str(s["point"])
         with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
             return repo.resolve(a.point).name
 
@@ -936,6 +971,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
+        next_check = time.monotonic() + SUPERVISE_S
         while True:
             if not nbd.alive():
                 print("appliance: nbdkit died", flush=True)
@@ -943,6 +979,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if dnsmasq is not None and dnsmasq.proc is not None and dnsmasq.proc.poll() is not None:
                 print("appliance: dnsmasq died", flush=True)
                 return 1
+            if time.monotonic() >= next_check:  # SAN-boot sessions (and the tgtd) supervised
+                for name in sessions.revive():
+                    print(f"pxe: restarted iSCSI session {name}", flush=True)
+                next_check = time.monotonic() + SUPERVISE_S
             time.sleep(0.5)
     except (_Stop, KeyboardInterrupt):
         return 0

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -844,6 +845,26 @@ def test_sanboot_is_prepared_on_assign_and_its_script_handed_out_once(
     old = subprocess.run(["qemu-img", "info", f"iscsi://{s['chap_user']}%{s['chap_secret']}@{lun}"],
                          capture_output=True, timeout=60)  # fmt: skip
     assert old.returncode != 0  # whoever saw the spent script cannot log in any more
+
+    # supervised: the tgtd dies, `pxe serve` restarts it and the session (same credentials)
+    from pxe.iscsi import TargetDaemon
+
+    st = TargetDaemon().state()
+    assert st is not None
+    os.kill(st["proc"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while f"restarted iSCSI session {session}" not in serve.log_path.read_text():
+        assert time.monotonic() < deadline and serve.proc.poll() is None, serve.log_path.read_text()
+        time.sleep(0.2)
+    st2 = TargetDaemon().state()
+    assert st2 is not None and st2["proc"] != st["proc"]
+    s3 = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)[0]
+    assert s3["alive"] and s3["chap_secret"] == s2["chap_secret"]
+    again = subprocess.run(
+        ["qemu-img", "info", f"iscsi://{s2['chap_user']}%{s2['chap_secret']}@{lun}"],
+        capture_output=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(30) == 0
     text = serve.log_path.read_text()
