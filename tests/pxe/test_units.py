@@ -870,3 +870,44 @@ def test_sanboot_is_prepared_on_assign_and_its_script_handed_out_once(
     text = serve.log_path.read_text()
     assert "1 SAN-boot/iSCSI session(s) keep running" in text
     assert f"{session}: {point_repo.point}" in text and f"appliance pxe unassign {mac}" in text
+
+
+@pytest.mark.nbd_client
+@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="needs libnbd-bin")
+def test_pxe_serve_nbd_is_tls_and_exports_only_points_being_restored(
+    serve: Serve, point_repo: PointRepo
+) -> None:
+    """`pxe serve`'s NBD server needs the PSK (clear text is refused) and exports nothing
+    until a rescue script is handed out; then exactly the pinned point, until it is done."""
+    env = serve.env()
+    psk = serve.root / "pxe" / "nbd.psk"
+    assert psk.stat().st_mode & 0o077 == 0
+    user = psk.read_text().split(":", 1)[0]
+    base = f"nbds://{user}@127.0.0.1:{serve.nbd_port}"
+
+    def exports() -> set[str]:
+        out = subprocess.run(["nbdinfo", "--list", "--json", f"{base}/?tls-psk-file={psk}"],
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        return {e["export-name"] for e in json.loads(out.stdout)["exports"]}
+
+    assert exports() == set()
+    clear = subprocess.run(["nbdinfo", "--list", f"nbd://127.0.0.1:{serve.nbd_port}"],
+                           capture_output=True, timeout=60)  # fmt: skip
+    assert clear.returncode != 0
+    mac = "52:54:00:d1:00:43"
+    run_cli("pxe", "assign", mac, "rescue", "vm1@latest", env=env)
+    assert exports() == set()  # assigned, not booting yet
+    status, _, body = _get(serve.url(f"/boot/{mac.replace(':', '-')}.ipxe"))
+    assert status == 200 and b"restore.psk=" in body
+    assert exports() == {f"{point_repo.point}/disk0", "vm1@latest/disk0"}
+    size = subprocess.run(["nbdinfo", "--size",
+                           f"{base}/{point_repo.point}/disk0?tls-psk-file={psk}"],
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert int(size.stdout) == point_repo.size
+    token = next(a for a in assignments_of(serve) if a.mac == mac).token
+    assert _post(serve.url(f"/rescue/{token}/done"), b"RESTORE OK") == 200
+    assert exports() == set()
+
+
+def assignments_of(serve: Serve) -> list[Assignment]:
+    return AssignmentStore(serve.root / "pxe").all()
