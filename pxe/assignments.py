@@ -312,6 +312,18 @@ class AssignmentStore:
                     return a
         return None
 
+    def write_pinned_points(self, path: Path) -> list[str]:
+        """Write :meth:`pinned_points` to ``path`` (one per line, atomically) in the same
+        locked step, so racing writers never leave an older list behind. Returns them."""
+        with self._locked():
+            names = sorted({a.pinned for a in self._read().values()
+                            if a.action == "rescue" and a.fetched_ns and a.pinned})  # fmt: skip
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(f"{n}\n" for n in names))
+            tmp.replace(path)
+        return names
+
     def pinned_points(self) -> list[str]:
         """Point ids the NBD server may export now: the pinned points of rescue assignments
         whose script was handed out and whose restore has not reported success."""

@@ -64,7 +64,10 @@ def _hex_addr(text: str) -> str:
     """``/proc/net/tcp{,6}`` address (host-order 32-bit words in hex) -> printable IP."""
     raw = bytes.fromhex(text)
     words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return str(ipaddress.ip_address(words))
+    ip = ipaddress.ip_address(words)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)  # ::ffff:127.0.0.1 collides like 127.0.0.1
+    return str(ip)
 
 
 def _listeners(port: int) -> list[tuple[str, int]]:
@@ -98,7 +101,7 @@ def _socket_pids(inodes: set[int]) -> dict[int, int]:
 
 def _overlaps(a: str, b: str) -> bool:
     wild = ("0.0.0.0", "::")  # noqa: S104 - comparisons, not binds
-    return a == b or a in wild or b in wild or {a, b} == {"127.0.0.1", "::ffff:127.0.0.1"}
+    return a == b or a in wild or b in wild
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def port_owners(host: str, port: int) -> list[PortOwner]:
         if pid:
             with contextlib.suppress(OSError):
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace").strip() or "?"
+                    errors="replace").strip()[:120] or "?"
         out.append(PortOwner(f"{addr}:{port}", pid, cmd))
     return out
 

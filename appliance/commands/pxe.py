@@ -145,12 +145,7 @@ def nbd_allow_path(root: Path) -> Path:
 
 def sync_nbd_allow(root: Path) -> None:
     """Write the points `pxe serve`'s NBD server may export now (rescues in progress)."""
-    names = assignments(root).pinned_points()
-    path = nbd_allow_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text("".join(f"{n}\n" for n in names))
-    tmp.replace(path)
+    assignments(root).write_pinned_points(nbd_allow_path(root))
 
 
 def serve_portal(root: Path) -> str | None:
