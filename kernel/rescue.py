@@ -14,14 +14,24 @@ line:
                        ``--destination-is-zero`` and skips every hole/zero extent the server
                        reports with NBD block status. Default 0: zero extents are written as
                        zeroes (efficiently, ``BLKZEROOUT``), which is correct on a used disk.
-``restore.reboot=1``   ``reboot -f`` after the restore (success or failure). Default 0: shell.
+``restore.reboot=1``   ``reboot -f`` after a successful restore (and, with ``restore.report``,
+                       once the appliance confirmed it). Default 0: shell. A failed restore
+                       never reboots: the machine stays here with the error on its console (a
+                       reboot would boot the half-written local disk).
+``restore.report=URL`` the appliance's callback for this assignment (``.../rescue/<token>``):
+                       ``POST URL/done`` after success (retried; the PXE assignment is consumed
+                       only then), ``POST URL/failed`` with the reason after a failure.
+``restore.psk=U:HEX``  TLS-PSK identity for ``nbds://`` sources, written to ``/etc/nbd.psk``
+                       (the sources name it: ``nbds://U@HOST:PORT/EXPORT?tls-psk-file=...``).
 ``restore.ip=dhcp``    how to configure the network; only ``dhcp`` (``udhcpc``) is supported.
 =====================  ==========================================================================
 
 The restore brings up every network interface driver it carries (virtio_net, e1000, e1000e),
 runs DHCP on the first interface that gets a lease, then per disk ``nbdinfo --size`` (the
 device must be large enough) and ``nbdcopy --flush SRC DST``, and prints ``RESTORE START`` per
-disk, then ``RESTORE OK <total bytes>`` or ``RESTORE FAILED <reason>``.
+disk, then ``RESTORE OK <total bytes>`` or ``RESTORE FAILED <reason>``, then ``REPORTED done``
+/ ``REPORTED failed`` once the appliance accepted the callback, and after a failure
+``RESCUE HALTED`` (it stays in the rescue shell).
 """
 
 from __future__ import annotations
@@ -98,6 +108,9 @@ dst=/dev/sda
 zero=0
 do_reboot=0
 ipmode=dhcp
+report_url=
+psk=
+reason=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         restore.src=*) src="${arg#restore.src=}" ;;
@@ -105,14 +118,35 @@ for arg in $(cat /proc/cmdline); do
         restore.zero=*) zero="${arg#restore.zero=}" ;;
         restore.reboot=*) do_reboot="${arg#restore.reboot=}" ;;
         restore.ip=*) ipmode="${arg#restore.ip=}" ;;
+        restore.report=*) report_url="${arg#restore.report=}" ;;
+        restore.psk=*) psk="${arg#restore.psk=}" ;;
     esac
 done
+if [ -n "$psk" ]; then
+    (umask 077; echo "$psk" > /etc/nbd.psk)
+fi
 while read -r mod; do insmod "$mod" 2>/dev/null; done < /lib/modules/load.order
 ip link set lo up
 hostname rescue
 echo "RESCUE READY"
 
-fail() { echo "RESTORE FAILED $*"; return 1; }
+fail() { reason="$*"; echo "RESTORE FAILED $*"; return 1; }
+
+# report done|failed MESSAGE TRIES: tell the appliance (every 3 s, TRIES times)
+report() {
+    [ -n "$report_url" ] || return 0
+    i=0
+    while [ $i -lt "$3" ]; do
+        if wget -q -O /dev/null --post-data "$2" "$report_url/$1"; then
+            echo "REPORTED $1"
+            return 0
+        fi
+        sleep 3
+        i=$((i + 1))
+    done
+    echo "could not report '$1' to the appliance at $report_url"
+    return 1
+}
 
 network_up() {
     [ "$ipmode" = dhcp ] || { fail "unsupported restore.ip=$ipmode"; return 1; }
@@ -164,10 +198,21 @@ restore() {
 }
 
 if [ -n "$src" ]; then
-    restore
-    if [ "$do_reboot" = 1 ]; then
-        sync
-        reboot -f
+    if restore; then
+        if report done "RESTORE OK $total" 20; then
+            if [ "$do_reboot" = 1 ]; then
+                sync
+                reboot -f
+            fi
+        else
+            echo "the restore succeeded but the appliance did not confirm it: not rebooting"
+            echo "(appliance pxe assign MAC local, then reboot this machine)"
+        fi
+    else
+        report failed "$reason" 3
+        echo "RESCUE HALTED: the restore failed ($reason); this machine stays in the rescue"
+        echo "system (its disk is incomplete). The assignment stays armed: fix the cause,"
+        echo "run appliance pxe assign again, and reboot the machine."
     fi
 else
     echo "no restore.src on the kernel command line: starting a shell"

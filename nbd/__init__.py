@@ -7,7 +7,15 @@ Imports only `dedupstore`'s public surface; never imports vfs/ or pxe/.
 """
 
 from ._exports import OVERLAY_PREFIX, Catalogue, Export, overlay_export_name, point_export_name
-from .server import DEFAULT_LISTEN, NbdServer, NbdServerError, free_port, parse_listen
+from .server import (
+    DEFAULT_LISTEN,
+    NbdServer,
+    NbdServerError,
+    free_port,
+    is_loopback,
+    parse_listen,
+    write_psk_file,
+)
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -17,7 +25,9 @@ __all__ = [
     "NbdServer",
     "NbdServerError",
     "free_port",
+    "is_loopback",
     "overlay_export_name",
     "parse_listen",
     "point_export_name",
+    "write_psk_file",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -158,9 +158,13 @@ class Catalogue:
     """
 
     def __init__(self, repo: Repository, *, overlays_only: bool = False,
-                 reader_cache: int = 16) -> None:
+                 reader_cache: int = 16,
+                 allow: Callable[[], frozenset[str]] | None = None) -> None:
+        """`allow`: if given, called per listing/open; only points whose id (`SOURCE@ID`) and
+        overlays whose `overlay/NAME` it returns are exported (a PXE session's one point)."""
         self.repo = repo
         self.overlays_only = overlays_only
+        self.allow = allow
         self._lock = threading.Lock()
         self._readers: OrderedDict[tuple[str, str], list[DiskReader]] = OrderedDict()
         self._reader_cache = reader_cache
@@ -170,11 +174,15 @@ class Catalogue:
     def list_exports(self) -> list[tuple[str, str]]:
         """(name, description) of every export, points first (by source, time), then overlays."""
         out: list[tuple[str, str]] = []
+        allowed = self.allow() if self.allow is not None else None
         if not self.overlays_only:
             points = [p for p in self.repo.list_points() if p.kind == "image"]
             latest: dict[str, Point] = {}
             for p in points:
                 latest[p.source] = p  # list_points is ordered by time within a source
+            if allowed is not None:
+                points = [p for p in points if p.name in allowed]
+                latest = {s: p for s, p in latest.items() if p.name in allowed}
             for p in points:
                 for d in p.manifest["disks"]:
                     out.append((point_export_name(p.name, str(d["name"])),
@@ -184,6 +192,8 @@ class Catalogue:
                     out.append((point_export_name(f"{source}@latest", str(d["name"])),
                                 self._point_desc(p, d, f"{source}@latest")))
         for o in list_overlays(self.repo):
+            if allowed is not None and f"{OVERLAY_PREFIX}{o.name}" not in allowed:
+                continue
             for d in o.disks:
                 out.append((overlay_export_name(o.name, d.name),
                             f"overlay {o.name} on {o.base} {d.name}, {_human(d.size)}, "
@@ -218,6 +228,8 @@ class Catalogue:
             raise NotFound(f"no export {name!r}") from None
         if point.kind != "image":
             raise NotFound(f"{point.name} is a {point.kind} point: nothing to export")
+        if self.allow is not None and point.name not in self.allow():
+            raise NotFound(f"no export {name!r} (this server exports only assigned points)")
         for reader in self._point_readers(point):
             if reader.name == disk:
                 d = next(x for x in point.manifest["disks"] if x["name"] == disk)
@@ -244,6 +256,8 @@ class Catalogue:
         ov_name, sep, disk_name = rest.partition("/")
         if not sep or not ov_name or not disk_name:
             raise NotFound(f"no export {name!r} (expected overlay/NAME/diskN)")
+        if self.allow is not None and f"{OVERLAY_PREFIX}{ov_name}" not in self.allow():
+            raise NotFound(f"no export {name!r} (this server exports only assigned overlays)")
         with self._lock:
             shared = self._overlays.get(ov_name)
             if shared is None:

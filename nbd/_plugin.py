@@ -8,10 +8,12 @@ callbacks to the catalogue and store errors to errnos. It must not crash on clie
 damaged data: every callback turns StoreError/OSError into `nbdkit.set_error(errno)` + an
 exception, which nbdkit sends to that client as an NBD error reply while it goes on serving.
 
-Parameters: `repo=DIR` (required), `overlays_only=1`, `verbose=1`. The keys of an encrypted
-repository come over an inherited pipe named by APPLIANCE_KEY_FD (`dedupstore.KeyHandoff`, as
-`nbd.NbdServer` starts us), read once and closed; never on the command line. A passphrase in
-APPLIANCE_PASSPHRASE is still accepted for a hand-started nbdkit.
+Parameters: `repo=DIR` (required), `overlays_only=1`, `verbose=1`, `only=A,B` and
+`allow_file=PATH` (export only the points `SOURCE@ID` / overlays `overlay/NAME` named there;
+the file, one name per line, is re-read when it changes, and a missing file allows nothing).
+The keys of an encrypted repository come over an inherited pipe named by APPLIANCE_KEY_FD
+(`dedupstore.KeyHandoff`, as `nbd.NbdServer` starts us), read once and closed; never on the
+command line. A passphrase in APPLIANCE_PASSPHRASE is still accepted for a hand-started nbdkit.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ def _guard(fn: F) -> F:
 # -- configuration --------------------------------------------------------------------------
 
 def config(key: str, value: str) -> None:
-    if key not in ("repo", "overlays_only", "verbose"):
-        raise ValueError(f"unknown parameter {key!r} (repo, overlays_only, verbose)")
+    if key not in ("repo", "overlays_only", "verbose", "only", "allow_file"):
+        raise ValueError(f"unknown parameter {key!r} "
+                         "(repo, overlays_only, verbose, only, allow_file)")
     _config[key] = value
 
 
@@ -81,6 +84,29 @@ def config_complete() -> None:
 def thread_model() -> int:
     # Requests run in parallel: the catalogue, DiskReader and OverlayDisk are thread-safe.
     return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+class _AllowList:
+    """`only=` names plus the lines of `allow_file=` (re-read when its mtime/size change)."""
+
+    def __init__(self, only: str, path: str | None) -> None:
+        self.only = frozenset(x for x in only.split(",") if x)
+        self.path = Path(path) if path else None
+        self._stamp: tuple[int, int] | None = None
+        self._cached: frozenset[str] = self.only
+
+    def __call__(self) -> frozenset[str]:
+        if self.path is None:
+            return self.only
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                names = {ln.strip() for ln in self.path.read_text().splitlines() if ln.strip()}
+                self._cached, self._stamp = self.only | names, stamp
+        except FileNotFoundError:
+            self._cached, self._stamp = self.only, None
+        return self._cached
 
 
 def get_ready() -> None:
@@ -95,7 +121,11 @@ def get_ready() -> None:
     repo = Repository.open(Path(_config["repo"]), passphrase=passphrase, keys=keys,
                            writable=False)  # fmt: skip
     _state["repo"] = repo
-    _state["catalogue"] = Catalogue(repo, overlays_only=_config.get("overlays_only") == "1")
+    allow = None
+    if "only" in _config or "allow_file" in _config:
+        allow = _AllowList(_config.get("only", ""), _config.get("allow_file"))
+    _state["catalogue"] = Catalogue(repo, overlays_only=_config.get("overlays_only") == "1",
+                                    allow=allow)
     log.debug("serving %s", _config["repo"])
 
 

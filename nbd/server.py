@@ -8,6 +8,10 @@ where /proc/<pid>/environ would show it as long as nbdkit runs), readiness
 (nbdkit writes its PID file once it accepts connections) and shutdown (SIGTERM, then SIGKILL).
 It must not serve NBD itself (nbdkit does) nor touch the store (the plugin does).
 
+Safe by default: a TCP address that is not loopback is refused without TLS (`tls_psk`) unless
+the caller says `insecure=True` (the CLI's `--insecure`): an NBD export is the whole disk of a
+backup, decrypted. `only` / `allow_file` narrow what is exported (see `_plugin.py`).
+
 Not thread-safe: one thread starts and stops a server. `exit_with_parent` (default: only when
 started from the main thread) makes nbdkit die with the thread that started it (Linux
 PR_SET_PDEATHSIG): do not use it from short-lived worker threads.
@@ -55,6 +59,16 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 class NbdServerError(Exception):
     """nbdkit could not start or died (the message carries its stderr tail)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Every address `host` resolves to is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    addrs = {str(info[4][0]).split("%", 1)[0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -107,6 +121,9 @@ class NbdServer:
         passphrase: str | None = None,
         keys: Keys | None = None,
         tls_psk: Path | str | None = None,
+        insecure: bool = False,
+        only: list[str] | None = None,
+        allow_file: Path | str | None = None,
         overlays_only: bool = False,
         readonly: bool = False,
         threads: int | None = None,
@@ -123,6 +140,12 @@ class NbdServer:
         self.passphrase = passphrase
         self.keys = keys
         self.tls_psk = None if tls_psk is None else Path(tls_psk).resolve()
+        self.insecure = insecure
+        self.only = list(only or [])
+        for name in self.only:
+            if not name or "," in name or any(c.isspace() for c in name):
+                raise ValueError(f"bad export restriction {name!r}")
+        self.allow_file = None if allow_file is None else Path(allow_file).resolve()
         self.overlays_only = overlays_only
         self.readonly = readonly
         self.threads = threads
@@ -218,14 +241,36 @@ class NbdServer:
         cmd += ["python", str(PLUGIN), f"repo={self.repo_root}"]
         if self.overlays_only:
             cmd.append("overlays_only=1")
+        if self.only:
+            cmd.append(f"only={','.join(self.only)}")
+        if self.allow_file is not None:
+            cmd.append(f"allow_file={self.allow_file}")
         if self.verbose:
             cmd.append("verbose=1")
         return cmd
+
+    def check_exposure(self) -> None:
+        """Refuse a non-loopback TCP address without TLS unless `insecure`.
+
+        Raises NbdServerError naming both ways out (`--tls-psk`, `--insecure`)."""
+        if self.listen is None or self.tls_psk is not None or self.insecure:
+            return
+        try:
+            host, _port = parse_listen(self.listen)
+        except ValueError as exc:
+            raise NbdServerError(str(exc)) from None
+        if not is_loopback(host):
+            raise NbdServerError(
+                f"refusing to serve NBD on {self.listen} without TLS: every machine that "
+                "reaches it could read the backups decrypted. Give --tls-psk FILE (lines "
+                "'user:hexkey'), or --insecure to serve in clear anyway"
+            )
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start nbdkit; return once it accepts connections. Raises NbdServerError."""
         if self.proc is not None:
             raise NbdServerError("already started")
+        self.check_exposure()
         if self.tls_psk is not None and not self.tls_psk.is_file():
             raise NbdServerError(f"TLS PSK file {self.tls_psk} does not exist")
         if shutil.which(self.nbdkit) is None:
@@ -359,4 +404,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-__all__ = ["DEFAULT_LISTEN", "NbdServer", "NbdServerError", "free_port", "parse_listen"]
+def write_psk_file(path: Path, user: str = "dr-appliance") -> tuple[str, str]:
+    """A PSK file for `tls_psk` (0600, `user:hexkey`, 32 random bytes); an existing one is
+    reused. Returns (user, hex key) of its first line. Raises NbdServerError if unreadable."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{user}:{os.urandom(32).hex()}\n")
+    first = path.read_text().strip().splitlines()[:1]
+    u, sep, key = first[0].partition(":") if first else ("", "", "")
+    if not sep or not u or not key:
+        raise NbdServerError(f"{path}: not a PSK file (expected a line 'user:hexkey')")
+    return u, key
+
+
+__all__ = ["DEFAULT_LISTEN", "NbdServer", "NbdServerError", "free_port", "is_loopback",
+           "parse_listen", "write_psk_file"]

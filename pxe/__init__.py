@@ -2,8 +2,9 @@
 
 Modules: ``assignments`` (which MAC boots what, ``<repo>/pxe/assignments.json``), ``ipxe``
 (script text), ``dnsmasq`` (proxy-DHCP + TFTP configuration and process), ``http`` (boot HTTP
-server with Range support), ``iscsi`` (tgtd targets + nbdfuse backing files), ``_proc``
-(detached helpers stopped by PID).
+server with Range support, the rescue callback, optional HTTPS), ``iscsi`` (the appliance's
+one tgtd, targets, portal owners, nbdfuse backing files), ``_proc`` (detached helpers stopped
+by PID).
 
 It receives plain values from ``appliance/`` — NBD URIs, paths, a ``script_for`` callback —
 and never imports ``nbd/``, ``vfs/`` or the store: ``appliance/commands/pxe.py`` wires those.
@@ -13,7 +14,7 @@ from pxe.assignments import ACTIONS, Assignment, AssignmentError, AssignmentStor
 from pxe.dnsmasq import DnsmasqError, DnsmasqProcess, ProxyDhcpConfig, render_config
 from pxe.http import BootHttpServer
 from pxe.ipxe import ScriptError
-from pxe.iscsi import IscsiError, Tgt, target_iqn
+from pxe.iscsi import IscsiError, TargetDaemon, Tgt, port_owners, target_iqn
 
 __all__ = [
     "ACTIONS",
@@ -26,8 +27,10 @@ __all__ = [
     "IscsiError",
     "ProxyDhcpConfig",
     "ScriptError",
+    "TargetDaemon",
     "Tgt",
     "normalize_mac",
+    "port_owners",
     "render_config",
     "target_iqn",
 ]

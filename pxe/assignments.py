@@ -1,10 +1,19 @@
 """Per-machine boot assignments: which MAC boots what, persisted as one JSON file.
 
-Owns MAC address parsing/normalisation and the file ``<repo>/pxe/assignments.json``::
+Owns MAC address parsing/normalisation and the file ``<repo>/pxe/assignments.json`` (0600:
+it holds each assignment's secret token)::
 
     {"v": 1, "machines": {"52:54:00:12:34:56": {"action": "rescue", "point": "vm1@3",
                                                 "once": true, "dst": "/dev/sda",
-                                                "updated_ns": ...}}}
+                                                "token": "<hex>", "fetched_ns": 0,
+                                                "pinned": null, "updated_ns": ...}}}
+
+Every ``assign`` arms the assignment with a fresh random ``token``. The machine's boot script
+(which carries the secrets: the rescue system's callback token, NBD PSK, CHAP) is handed out
+once per arming: :meth:`AssignmentStore.fetch` marks it spent (``fetched_ns``) in the same
+locked step, so a second fetch (another client knowing the MAC) gets nothing. A rescue stays
+armed until the rescue system reports success with the token (:meth:`AssignmentStore.complete`):
+only then does a one-shot rescue turn into ``local``. A failed restore leaves it armed.
 
 Actions: ``rescue POINT`` (boot the rescue system and restore POINT onto the local disk),
 ``sanboot POINT`` (boot POINT over iSCSI through a writable overlay), ``local`` (boot the local
@@ -21,9 +30,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +75,19 @@ class Assignment:
     mac: str
     action: str
     point: str | None = None
-    #: rescue only: after the script has been served once, the machine falls back to ``local``
-    #: (otherwise a machine that reboots after its restore would restore again, forever).
+    #: rescue only: after the rescue system reported success, the machine falls back to
+    #: ``local`` (otherwise a machine that reboots after its restore would restore again).
     once: bool = True
     updated_ns: int = 0
     #: rescue only: the local disk(s) the point's disks are written to, in order, comma-separated
     #: (``restore.dst``): disk0 onto the first, disk1 onto the second, ...
     dst: str = DEFAULT_DST
+    #: per-arming secret: the rescue system's success callback names it; "" for ``local``
+    token: str = ""
+    #: when the boot script of this arming was handed out (0: not yet): it is handed out once
+    fetched_ns: int = 0
+    #: rescue/sanboot: the point id the script was made for (``@latest`` pinned at fetch)
+    pinned: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -97,6 +113,17 @@ class Assignment:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """``as_dict`` without the secret token (for listings)."""
+        d = self.as_dict()
+        d.pop("token", None)
+        return d
+
+    @property
+    def armed(self) -> bool:
+        """A boot script is waiting to be fetched (rescue/sanboot, not fetched yet)."""
+        return self.action != "local" and not self.fetched_ns
+
     @property
     def dsts(self) -> list[str]:
         """The restore destinations in disk order (disk0 first)."""
@@ -108,6 +135,8 @@ class Assignment:
         extra = ""
         if self.action == "rescue":
             extra = f" onto {self.dst}" + (" (once)" if self.once else "")
+        if self.fetched_ns:
+            extra += " (script fetched; assign again to re-arm)"
         return f"{self.action} {self.point}{extra}"
 
 
@@ -147,6 +176,9 @@ class AssignmentStore:
                 once=bool(rec.get("once", True)),
                 updated_ns=int(rec.get("updated_ns", 0)),
                 dst=str(rec.get("dst", DEFAULT_DST)),
+                token=str(rec.get("token", "")),
+                fetched_ns=int(rec.get("fetched_ns", 0)),
+                pinned=rec.get("pinned"),
             )
         return out
 
@@ -159,7 +191,8 @@ class AssignmentStore:
             },
         }
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-        with tmp.open("w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds tokens
+        with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
@@ -185,8 +218,10 @@ class AssignmentStore:
         once: bool = True,
         dst: str = DEFAULT_DST,
     ) -> Assignment:
-        """Create or replace the assignment of ``mac``. Raises AssignmentError on bad input."""
-        a = Assignment(normalize_mac(mac), action, point, once, time.time_ns(), dst)
+        """Create or replace (re-arm) the assignment of ``mac`` with a fresh token.
+        Raises AssignmentError on bad input."""
+        token = secrets.token_hex(16) if action != "local" else ""
+        a = Assignment(normalize_mac(mac), action, point, once, time.time_ns(), dst, token)
         with self._locked():
             machines = self._read()
             machines[a.mac] = a
@@ -206,15 +241,106 @@ class AssignmentStore:
         log.info("unassigned %s (was %s)", mac, old.describe())
         return old
 
-    def consume_once(self, mac: str) -> Assignment | None:
-        """The assignment to serve now. A one-shot rescue is returned once and replaced by
-        ``local`` in the same locked step, so two racing requests cannot both get it."""
+    def fetch(self, mac: str, pin: Callable[[Assignment], str] | None = None) -> Fetch:
+        """The assignment of ``mac`` as its boot-script request sees it, in one locked step.
+
+        ``local``/none: returned as is (``first`` False). Rescue/sanboot armed: marked spent
+        (``fetched_ns``), ``pinned`` set to ``pin(a)`` (the point id the script is made for),
+        and ``first`` is True: the caller may hand out the secrets. Already spent: ``first``
+        False, nothing changes. Exceptions of ``pin`` propagate and leave the record armed.
+        """
         mac = normalize_mac(mac)
         with self._locked():
             machines = self._read()
             a = machines.get(mac)
-            if a is not None and a.action == "rescue" and a.once:
-                machines[mac] = Assignment(mac, "local", None, True, time.time_ns())
+            if a is None or not a.armed:
+                return Fetch(a, False)
+            pinned = pin(a) if pin is not None else a.point
+            a = replace(a, fetched_ns=time.time_ns(), pinned=pinned)
+            machines[mac] = a
+            self._write(machines)
+        log.info("%s: boot script for %s handed out; spent until assigned again", mac, a.point)
+        return Fetch(a, True)
+
+    def unfetch(self, mac: str, token: str) -> None:
+        """Undo :meth:`fetch` of the arming ``token`` (the script could not be made)."""
+        mac = normalize_mac(mac)
+        with self._locked():
+            machines = self._read()
+            a = machines.get(mac)
+            if a is not None and a.token == token:
+                machines[mac] = replace(a, fetched_ns=0, pinned=None)
                 self._write(machines)
-                log.info("%s: one-shot rescue of %s served; next boot is local", mac, a.point)
-            return a
+
+    def complete(self, token: str) -> Assignment | None:
+        """The rescue system of the arming ``token`` reports success. A one-shot rescue turns
+        into ``local``; ``--always`` is re-armed with a new token. Returns the completed
+        assignment, or None if no rescue assignment carries ``token`` (wrong or spent)."""
+        if not token:
+            return None
+        with self._locked():
+            machines = self._read()
+            for mac, a in machines.items():
+                if a.action == "rescue" and a.token and secrets.compare_digest(a.token, token):
+                    if a.once:
+                        machines[mac] = Assignment(mac, "local", None, True, time.time_ns())
+                    else:
+                        machines[mac] = replace(
+                            a,
+                            token=secrets.token_hex(16),
+                            fetched_ns=0,
+                            pinned=None,
+                            updated_ns=time.time_ns(),
+                        )
+                    self._write(machines)
+                    log.info(
+                        "%s: rescue of %s reported done; next boot is %s",
+                        mac,
+                        a.pinned or a.point,
+                        "local" if a.once else "rescue again",
+                    )
+                    return a
+        return None
+
+    def find_token(self, token: str) -> Assignment | None:
+        """The assignment armed with ``token`` (read-only), or None."""
+        if not token:
+            return None
+        with self._locked():
+            for a in self._read().values():
+                if a.token and secrets.compare_digest(a.token, token):
+                    return a
+        return None
+
+    def write_pinned_points(self, path: Path) -> list[str]:
+        """Write :meth:`pinned_points` to ``path`` (one per line, atomically) in the same
+        locked step, so racing writers never leave an older list behind. Returns them."""
+        with self._locked():
+            names = sorted({a.pinned for a in self._read().values()
+                            if a.action == "rescue" and a.fetched_ns and a.pinned})  # fmt: skip
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(f"{n}\n" for n in names))
+            tmp.replace(path)
+        return names
+
+    def pinned_points(self) -> list[str]:
+        """Point ids the NBD server may export now: the pinned points of rescue assignments
+        whose script was handed out and whose restore has not reported success."""
+        with self._locked():
+            return sorted(
+                {
+                    a.pinned
+                    for a in self._read().values()
+                    if a.action == "rescue" and a.fetched_ns and a.pinned
+                }
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """What :meth:`AssignmentStore.fetch` found: the assignment (None: unassigned) and whether
+    this request is the one-time first fetch of its arming."""
+
+    assignment: Assignment | None
+    first: bool

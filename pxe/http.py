@@ -1,11 +1,17 @@
 """The appliance's boot HTTP server: per-machine iPXE scripts and the rescue kernel/initramfs.
 
-Routes (GET and HEAD)::
+Routes::
 
-    /boot.ipxe               the chain script (for DHCP setups that hand out an HTTP URL)
-    /boot/<mac>.ipxe         this machine's script, from the ``script_for`` callback
-    /rescue/vmlinuz          files of the rescue directory, with single-range ``Range``
-    /rescue/initrd.img       support (206 / 416), as iPXE's ``sanboot http://`` needs
+    GET  /boot.ipxe               the chain script (for DHCP setups that hand out an HTTP URL)
+    GET  /boot/<mac>.ipxe         this machine's script, from the ``script_for`` callback
+    GET  /rescue/vmlinuz          files of the rescue directory, with single-range ``Range``
+    GET  /rescue/initrd.img       support (206 / 416), as iPXE's ``sanboot http://`` needs
+    POST /rescue/<token>/done     the rescue system reports success / failure of its restore
+    POST /rescue/<token>/failed   (``report`` callback; 200 if the token is armed, else 403)
+
+HEAD works for the static routes only: a machine's script is answered to GET alone (405 to
+HEAD), so a HEAD has no side effect and reveals nothing. ``tls=(cert, key)`` serves HTTPS
+(for iPXE builds with HTTPS; Debian's iPXE has none).
 
 A ``ThreadingHTTPServer`` (one thread per connection) rather than trio: every request does
 blocking work (file reads via ``sendfile``, and the ``script_for`` callback, which may create an
@@ -13,8 +19,8 @@ overlay and an iSCSI target through subprocesses and LMDB), the request rate is 
 booting machine, and the server runs in its own ``appliance pxe serve`` process. A trio server
 would push every one of those calls through ``to_thread`` for no gain.
 
-It knows nothing of assignments, the store or iSCSI: ``appliance/`` passes ``script_for``.
-The callback's exceptions are logged and answered with 500, never crash the server.
+It knows nothing of assignments, the store or iSCSI: ``appliance/`` passes ``script_for`` and
+``report``. The callbacks' exceptions are logged and answered with 500, never crash the server.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import contextlib
 import logging
 import os
 import re
+import ssl
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from pxe.assignments import AssignmentError, normalize_mac
@@ -37,6 +45,11 @@ log = logging.getLogger(__name__)
 
 #: script_for(mac, host_as_seen_by_client) -> iPXE script text
 ScriptProvider = Callable[[str, str], str]
+#: report(token, ok, message) -> True if ``token`` is an armed assignment's (accepted)
+ReportHandler = Callable[[str, bool, str], bool]
+
+_REPORT_RE = re.compile(r"^/rescue/([0-9a-f]{16,64})/(done|failed)$")
+MAX_REPORT_BYTES = 4096
 
 _BOOT_RE = re.compile(r"^/boot/([0-9A-Fa-f:.-]{12,17})\.ipxe$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -85,7 +98,40 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(body=True)
 
     def do_HEAD(self) -> None:
+        path = unquote(self.path.split("?", 1)[0])
+        if _BOOT_RE.match(path):  # a script is made (and spent) by GET only
+            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+            self.send_header("Allow", "GET")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self._dispatch(body=False)
+
+    def do_POST(self) -> None:
+        path = unquote(self.path.split("?", 1)[0])
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_REPORT_BYTES:
+            self.send_error(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+            return
+        message = self.rfile.read(length).decode(errors="replace") if length else ""
+        m = _REPORT_RE.match(path)
+        if m is None:
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return
+        try:
+            accepted = self.server.report(m.group(1), m.group(2) == "done", message)
+        except Exception:
+            log.exception("rescue report %s failed", m.group(2))
+            with contextlib.suppress(OSError):
+                self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR)
+            return
+        if accepted:
+            self._text("ok\n", body=True)
+        else:
+            self.send_error(HTTPStatus.FORBIDDEN, "unknown or spent token")
 
     def _client_host(self) -> str:
         host = self.headers.get("Host") or self.server.default_host
@@ -97,7 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(self.path.split("?", 1)[0])  # iPXE sends ":" as %3A
         try:
             if path == "/boot.ipxe":
-                base = f"http://{self.headers.get('Host') or self.server.default_host}"
+                host = self.headers.get("Host") or self.server.default_host
+                base = f"{self.server.scheme}://{host}"
                 self._text(chain_script(base), body=body)
                 return
             m = _BOOT_RE.match(path)
@@ -155,7 +202,16 @@ class _Handler(BaseHTTPRequestHandler):
             if rng:
                 self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
             self.end_headers()
-            if body:
+            if body and self.server.scheme == "https":  # sendfile would bypass TLS
+                os.lseek(fd, first, os.SEEK_SET)
+                left = length
+                while left > 0:
+                    chunk = os.read(fd, min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+            elif body:
                 self.wfile.flush()
                 offset, left = first, length
                 while left > 0:
@@ -178,11 +234,26 @@ class BootHttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(
-        self, listen: tuple[str, int], *, rescue_dir: Path, script_for: ScriptProvider
+        self,
+        listen: tuple[str, int],
+        *,
+        rescue_dir: Path,
+        script_for: ScriptProvider,
+        report: ReportHandler | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """``tls`` = (certificate, key) PEM files: serve HTTPS. Raises OSError (bind) and
+        ssl.SSLError / OSError (unreadable or mismatched certificate and key)."""
+        ctx: ssl.SSLContext | None = None
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
         super().__init__(listen, _Handler)
+        self._tls = ctx
+        self.scheme = "https" if ctx is not None else "http"
         self.rescue_dir = Path(rescue_dir)
         self.script_for = script_for
+        self.report: ReportHandler = report or (lambda token, ok, message: False)
         self.port = int(self.server_address[1])
         host = str(self.server_address[0])
         if host == "0.0.0.0":  # noqa: S104 - a comparison, not a bind
@@ -190,6 +261,17 @@ class BootHttpServer(ThreadingHTTPServer):
         #: Host for answers to clients that send no Host header (HTTP/1.0)
         self.default_host = f"{host}:{self.port}"
         self._thread: threading.Thread | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """TLS handshake in the connection's own thread (never in the accept loop)."""
+        if self._tls is not None:
+            request.settimeout(30)
+            try:
+                request = self._tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s: TLS handshake failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="pxe-http", daemon=True)

@@ -118,6 +118,21 @@ def error_script(message: str) -> str:
     return f"#!ipxe\necho DR Appliance: {text}\nsleep 10\nexit\n"
 
 
+def spent_script(mac: str, retry_s: int = 30) -> str:
+    """The answer to a second fetch of a machine's script: its secrets went out with the first
+    one. It names the fix and asks again every ``retry_s`` (``pxe assign`` re-arms it), never
+    falling through to the local disk (after a failed restore that disk is half-written)."""
+    mac = _check_arg("MAC", mac)
+    return (
+        "#!ipxe\n"
+        ":spent\n"
+        f"echo DR Appliance: the boot script of {mac} was already handed out; "
+        f"run 'appliance pxe assign {mac} ...' to boot it again (retrying in {retry_s} s)\n"
+        f"sleep {int(retry_s)}\n"
+        "chain --autofree ${cwuri} || goto spent\n"
+    )
+
+
 def unassigned_script(mac: str) -> str:
     """Machines nobody assigned: say so and leave (the BIOS tries its next boot device)."""
     return f"#!ipxe\necho DR Appliance: no assignment for {mac}; leaving network boot\nexit\n"

@@ -40,7 +40,14 @@ def register(sub: Any) -> None:
                        help=f"TCP address (default {DEFAULT_LISTEN}; port 0 = any free port)")
     where.add_argument("--socket", type=Path, metavar="PATH", help="unix socket instead of TCP")
     s.add_argument("--tls-psk", type=Path, metavar="FILE",
-                   help="require TLS with this PSK file (lines 'user:hexkey')")
+                   help="require TLS with this PSK file (lines 'user:hexkey'); needed for "
+                   "an address that is not loopback")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without TLS (anyone who reaches it "
+                   "reads the backups)")
+    s.add_argument("--only", action="append", metavar="EXPORT",
+                   help="export only this point (SOURCE@ID) or overlay (overlay/NAME); "
+                   "repeatable")
     s.add_argument("--overlays-only", action="store_true", help="export overlays only")
     s.add_argument("--readonly", action="store_true", help="overlays read-only too")
     s.add_argument("--threads", type=int, help="nbdkit threads per connection (default: cores)")
@@ -81,11 +88,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # nbdkit never starts. nbdkit gets the unwrapped keys over a pipe, not the passphrase.
     with ds.Repository.open(root, passphrase=pw, keys=keys) as repo:
         keys = repo.keys
-    server = NbdServer(
-        root, listen=args.listen, socket=args.socket, keys=keys, tls_psk=args.tls_psk,
-        overlays_only=args.overlays_only, readonly=args.readonly, threads=args.threads,
-        verbose=args.verbose >= 2, stderr=None, exit_with_parent=True,
-    )
+    try:
+        server = NbdServer(
+            root, listen=args.listen, socket=args.socket, keys=keys, tls_psk=args.tls_psk,
+            insecure=args.insecure, only=args.only, overlays_only=args.overlays_only,
+            readonly=args.readonly, threads=args.threads, verbose=args.verbose >= 2,
+            stderr=None, exit_with_parent=True,
+        )  # fmt: skip
+        server.check_exposure()  # before anything listens: a one-line refusal
+    except (ValueError, NbdServerError) as exc:
+        raise UserError(str(exc)) from None
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Stop

@@ -2,8 +2,14 @@
 export|unexport|list`.
 
 Wiring only: the protocol work lives in `pxe/` (dnsmasq, boot HTTP, iPXE scripts, tgt, nbdfuse),
-NBD in `nbd/`, overlays in `dedupstore`. This module decides what a machine boots and makes sure
-the NBD export / overlay / iSCSI target it needs exists before its script is answered.
+NBD in `nbd/`, overlays in `dedupstore`. This module decides what a machine boots. Side effects
+happen on assignment (`pxe assign MAC sanboot P` creates the overlay and iSCSI session), never
+on a fetch: a machine's script (with its secrets: CHAP, the NBD PSK, the rescue callback token)
+is handed out once per `pxe assign`; a second GET gets a script that says so, a HEAD nothing.
+A rescue assignment is consumed only when the rescue system POSTs `/rescue/<token>/done`.
+`pxe serve`'s NBD server requires TLS-PSK (the PSK, `<repo>/pxe/nbd.psk`, reaches the rescue
+system in its one-time script) and exports only the points of rescues in progress
+(`<repo>/pxe/run/nbd-allow`).
 
 An iSCSI session `S` = overlay `S` on a point + one `appliance nbd serve` (nbdkit on a unix
 socket, overlays only) + one nbdfuse per disk turning `overlay/S/diskN` into a file + a tgt
@@ -14,7 +20,8 @@ root-only session.json, printed by `iscsi export`, and put into the iPXE script 
 assigned to SAN-boot it, whose iBFT hands them on to the OS's initiator).
 Sessions outlive the command that made them (helpers run detached); their PIDs are recorded in
 `<repo>/pxe/iscsi/<S>/session.json` and `unexport` stops them by PID. One tgtd serves every
-session of a repository (`<repo>/pxe/iscsi/tgtd.json`); it stops with the last session.
+session of every repository (`pxe.iscsi.TargetDaemon`); it stops with the last target. IQNs
+name the repository (id prefix) and the session.
 Must not kill anything it did not start, nor hold the repository writer lock except to commit.
 """
 
@@ -30,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -40,9 +48,15 @@ from types import FrameType
 from typing import Any
 
 import dedupstore as ds
-from nbd import NbdServer, NbdServerError, parse_listen
+from nbd import NbdServer, NbdServerError, parse_listen, write_psk_file
 from pxe import _proc
-from pxe.assignments import DEFAULT_DST, AssignmentError, AssignmentStore, normalize_mac
+from pxe.assignments import (
+    DEFAULT_DST,
+    Assignment,
+    AssignmentError,
+    AssignmentStore,
+    normalize_mac,
+)
 from pxe.dnsmasq import (
     DnsmasqError,
     DnsmasqProcess,
@@ -60,16 +74,17 @@ from pxe.ipxe import (
     local_script,
     rescue_script,
     sanboot_script,
+    spent_script,
     unassigned_script,
 )
 from pxe.iscsi import (
     NBDFUSE_FILE,
     Chap,
     IscsiError,
-    Tgt,
+    TargetDaemon,
+    TargetInfo,
+    check_portal_free,
     mount_nbdfuse,
-    start_tgtd,
-    stop_tgtd,
     target_iqn,
     unmount_nbdfuse,
 )
@@ -81,11 +96,14 @@ from .build import build_rescue
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP = "0.0.0.0:8080"
-DEFAULT_NBD = "0.0.0.0:10809"
-DEFAULT_PORTAL = "0.0.0.0:3260"
+DEFAULT_NBD = "0.0.0.0:10809"  # TLS-PSK always: see cmd_serve
+DEFAULT_PORTAL = "127.0.0.1:3260"  # CHAP protects SAN boot; a LAN portal is asked for
+NBD_PSK_USER = "dr-appliance"
+RESCUE_PSK_PATH = "/etc/nbd.psk"  # where the rescue init writes restore.psk
 RESCUE_BASE_CMDLINE = "console=tty0 console=ttyS0 panic=-1 quiet"
 SAN_DISK = "disk0"
 NBD_START_TIMEOUT_S = 30.0
+SUPERVISE_S = 2.0  # how often `pxe serve` checks its iSCSI sessions
 # Also an overlay name and (lower-cased) part of an IQN.
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -115,6 +133,27 @@ def iscsi_dir(root: Path) -> Path:
 
 def assignments(root: Path) -> AssignmentStore:
     return AssignmentStore(pxe_dir(root))
+
+
+def run_dir(root: Path) -> Path:
+    return root / "pxe" / "run"
+
+
+def nbd_allow_path(root: Path) -> Path:
+    return run_dir(root) / "nbd-allow"
+
+
+def sync_nbd_allow(root: Path) -> None:
+    """Write the points `pxe serve`'s NBD server may export now (rescues in progress)."""
+    assignments(root).write_pinned_points(nbd_allow_path(root))
+
+
+def serve_portal(root: Path) -> str | None:
+    """The iSCSI portal of a running `pxe serve` of this repository, if any."""
+    st = _read_json(run_dir(root) / "serve.json")
+    if st is None or not _proc.alive(_proc.ProcRef.from_dict(st["proc"])):
+        return None
+    return str(st["iscsi_portal"])
 
 
 def pxe_session_name(mac: str) -> str:
@@ -147,12 +186,18 @@ class IscsiSessions:
     _thread_lock = threading.Lock()
 
     def __init__(
-        self, root: Path, *, passphrase: str | None = None, portal: str = DEFAULT_PORTAL
+        self,
+        root: Path,
+        *,
+        passphrase: str | None = None,
+        portal: str = DEFAULT_PORTAL,
+        daemon: TargetDaemon | None = None,
     ) -> None:
         self.root = root.resolve()
         self.dir = iscsi_dir(self.root)
         self.passphrase = passphrase
         self.portal = portal
+        self.daemon = daemon or TargetDaemon()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -165,27 +210,12 @@ class IscsiSessions:
             finally:
                 os.close(fd)
 
-    # tgtd ------------------------------------------------------------------------------------
-    def _tgtd_state(self) -> dict[str, Any] | None:
-        st = _read_json(self.dir / "tgtd.json")
-        if st is not None and _proc.alive(_proc.ProcRef.from_dict(st["proc"])):
-            return st
-        return None
-
-    def _ensure_tgtd(self) -> tuple[Tgt, str]:
-        st = self._tgtd_state()
-        if st is None:
-            ref, port = start_tgtd(self.portal, log_path=self.dir / "tgtd.log")
-            st = {"proc": ref.as_dict(), "control_port": port, "portal": self.portal}
-            _write_json(self.dir / "tgtd.json", st)
-        return Tgt(int(st["control_port"])), str(st["portal"])
-
-    def _stop_tgtd_if_idle(self) -> None:
-        st = self._tgtd_state()
-        if st is None or self._session_names():
-            return
-        stop_tgtd(_proc.ProcRef.from_dict(st["proc"]), int(st["control_port"]))
-        (self.dir / "tgtd.json").unlink(missing_ok=True)
+    # tgtd (the appliance's one daemon) ------------------------------------------------------
+    def _targets_by_iqn(self) -> dict[str, TargetInfo]:
+        tgt = self.daemon.tgt()
+        if tgt is None:
+            return {}
+        return {t.iqn: t for t in tgt.targets().values()}
 
     # sessions ---------------------------------------------------------------------------------
     def _session_names(self) -> list[str]:
@@ -196,12 +226,36 @@ class IscsiSessions:
     def _session(self, name: str) -> dict[str, Any] | None:
         return _read_json(self.dir / name / "session.json")
 
+    def get(self, name: str) -> dict[str, Any] | None:
+        """Session `name` as recorded (None: no such session)."""
+        return self._session(name)
+
+    def revive(self) -> list[str]:
+        """Supervision: restart every recorded session of this repository that is down (its
+        target vanished, e.g. tgtd died, or a helper died), on its point and overlay, with the
+        same CHAP credentials. Returns the names restarted; a failure is logged, not raised."""
+        revived = []
+        for name in self._session_names():
+            with self._locked():
+                s = self._session(name)
+                if s is None or self._alive(s):
+                    continue
+                log.warning("iSCSI session %s is down: restarting it", name)
+                try:
+                    self._teardown(s)
+                    creds = (Chap(s["chap_user"], s["chap_secret"])
+                             if s.get("chap_user") else None)  # fmt: skip
+                    self._create(s["point"], name, chap=creds is not None, creds=creds)
+                except (UserError, ds.StoreError, IscsiError, OSError) as exc:
+                    log.error("iSCSI session %s could not be restarted: %s", name, exc)
+                    continue
+            revived.append(name)
+        return revived
+
     def list(self) -> list[dict[str, Any]]:
         """Every recorded session with liveness of its helpers and target."""
         out = []
-        st = self._tgtd_state()
-        targets = Tgt(int(st["control_port"])).targets() if st else {}
-        by_iqn = {t.iqn: t for t in targets.values()}
+        by_iqn = self._targets_by_iqn()
         for name in self._session_names():
             s = self._session(name)
             if s is None:
@@ -212,12 +266,15 @@ class IscsiSessions:
             out.append(s)
         return out
 
-    def export(self, point_ref: str, name: str, *, chap: bool = False) -> dict[str, Any]:
+    def export(
+        self, point_ref: str, name: str, *, chap: bool = False, rotate_chap: bool = False
+    ) -> dict[str, Any]:
         """Make session `name` (overlay `name` on `point_ref`) available as an iSCSI target.
 
         `chap`: only an initiator presenting the session's generated CHAP credentials logs in.
-        Idempotent: a live session is returned as is; an existing overlay of that name is
-        reused (its writes survive an appliance restart). Raises UserError/StoreError.
+        Idempotent: a live session is returned as is (with `rotate_chap`, under a new CHAP
+        secret); an existing overlay of that name is reused (its writes survive an appliance
+        restart). Raises UserError/StoreError.
         """
         if not _SESSION_RE.match(name):
             raise UserError(f"bad session name {name!r}: use A-Z a-z 0-9 . _ - (max 64)")
@@ -225,6 +282,8 @@ class IscsiSessions:
             s = self._session(name)
             if s is not None:
                 if self._alive(s):
+                    if rotate_chap and s.get("chap_user"):
+                        self._rotate_chap(s)
                     return s
                 log.info("session %s is stale: tearing it down and starting it again", name)
                 self._teardown(s)
@@ -237,16 +296,29 @@ class IscsiSessions:
         return bool(s.get("disks")) and all(_proc.alive(_proc.ProcRef.from_dict(r)) for r in refs)
 
     def _alive(self, s: dict[str, Any]) -> bool:
-        st = self._tgtd_state()
-        if st is None:
-            return False
-        iqns = {t.iqn for t in Tgt(int(st["control_port"])).targets().values()}
-        return s["iqn"] in iqns and self._helpers_alive(s)
+        return s["iqn"] in self._targets_by_iqn() and self._helpers_alive(s)
 
-    def _create(self, point_ref: str, name: str, *, chap: bool) -> dict[str, Any]:
+    def _rotate_chap(self, s: dict[str, Any]) -> None:
+        """A new CHAP secret for a live session (whoever saw the old one cannot log in again;
+        initiators logged in stay logged in)."""
+        tgt = self.daemon.tgt()
+        t = self._targets_by_iqn().get(s["iqn"])
+        if tgt is None or t is None:
+            raise UserError(f"iSCSI session {s['name']} has no target")
+        creds = Chap.generate(str(s["chap_user"]))
+        with self.daemon.locked():
+            tgt.set_chap(t.tid, creds)
+        s["chap_secret"] = creds.secret
+        _write_json(self.dir / s["name"] / "session.json", s)
+
+    def _create(
+        self, point_ref: str, name: str, *, chap: bool, creds: Chap | None = None
+    ) -> dict[str, Any]:
         sdir = self.dir / name
         sdir.mkdir(parents=True, exist_ok=True)
+        sdir.chmod(0o700)  # its NBD socket serves the overlay writable
         with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
+            repo_id = repo.config.repo_id
             try:
                 info = ds.overlay_info(repo, name)
                 if info.base != repo.resolve(point_ref).name:
@@ -262,12 +334,13 @@ class IscsiSessions:
             "name": name,
             "point": info.base,
             "overlay": name,
-            "iqn": target_iqn(name),
+            "iqn": target_iqn(repo_id, name),
             "created_ns": time.time_ns(),
             "nbd_server": {"pid": 0, "start_ticks": 0},
             "disks": [],
         }
-        creds = Chap.generate(f"dr-{name}") if chap else None
+        if creds is None and chap:
+            creds = Chap.generate(f"dr-{repo_id[:8]}-{name}")
         s["chap_user"] = creds.user if creds else None
         s["chap_secret"] = creds.secret if creds else None
         try:
@@ -283,13 +356,16 @@ class IscsiSessions:
                                    "nbdfuse": fuse.as_dict(), "mount": str(mnt),
                                    "backing": str(mnt / NBDFUSE_FILE)})  # fmt: skip
                 _write_json(sdir / "session.json", s)
-            tgt, portal = self._ensure_tgtd()
-            s["tid"] = tgt.add_target(s["iqn"], [Path(d["backing"]) for d in s["disks"]],
-                                      chap=creds)  # fmt: skip
-            s["portal"] = portal
+            with self.daemon.locked():
+                tgt = self.daemon.ensure(self.portal)
+                s["tid"] = tgt.add_target(s["iqn"], [Path(d["backing"]) for d in s["disks"]],
+                                          chap=creds)  # fmt: skip
+            s["portal"] = self.portal
             _write_json(sdir / "session.json", s)
         except (UserError, IscsiError, OSError) as exc:
             self._teardown(s)
+            with contextlib.suppress(IscsiError), self.daemon.locked():
+                self.daemon.stop_if_idle()
             if isinstance(exc, UserError):
                 raise
             raise UserError(f"iSCSI export of {point_ref} failed: {exc}") from exc
@@ -316,7 +392,7 @@ class IscsiSessions:
         cmd = [sys.executable, "-c", "import sys; from appliance.cli import main; "
                "sys.argv[0] = 'appliance'; sys.exit(main())",
                "--repo", str(self.root), "nbd", "serve", "--socket", str(sock),
-               "--overlays-only"]  # fmt: skip
+               "--overlays-only", "--only", f"overlay/{name}"]  # fmt: skip
         with ds.KeyHandoff(keys) as handoff, log_path.open("ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     env={**env, **handoff.env}, pass_fds=handoff.fds,
@@ -345,11 +421,10 @@ class IscsiSessions:
     def _teardown(self, s: dict[str, Any]) -> None:
         """Target, then nbdfuse (flushes to nbdkit), then nbdkit, then sync the overlay."""
         sdir = self.dir / s["name"]
-        st = self._tgtd_state()
-        if st is not None:
-            with contextlib.suppress(IscsiError):
-                Tgt(int(st["control_port"])).delete_target(s["iqn"],
-                                                           chap_user=s.get("chap_user"))
+        tgt = self.daemon.tgt()
+        if tgt is not None:
+            with contextlib.suppress(IscsiError), self.daemon.locked():
+                tgt.delete_target(s["iqn"], chap_user=s.get("chap_user"))
         for d in s.get("disks", []):
             fuse_ref = _proc.ProcRef.from_dict(d["nbdfuse"])
             if fuse_ref.pid:
@@ -371,7 +446,8 @@ class IscsiSessions:
             if s is None:
                 raise UserError(f"no iSCSI session {name!r} (appliance iscsi list)")
             self._teardown(s)
-            self._stop_tgtd_if_idle()
+            with self.daemon.locked():
+                self.daemon.stop_if_idle()
         new_point = None
         if commit:
             with ds.Repository.open(self.root, passphrase=self.passphrase, writable=True) as repo:
@@ -385,8 +461,14 @@ class IscsiSessions:
 
 # -- boot decisions ---------------------------------------------------------------------------
 class BootPlanner:
-    """script_for(mac, host) for the HTTP server: reads the assignment, prepares what it needs
-    (NBD export of a point, iSCSI session), returns the iPXE script."""
+    """script_for(mac, host) and report(token, ok, message) for the HTTP server.
+
+    script_for hands a machine's secrets out once per arming (`AssignmentStore.fetch`), pins
+    a rescue's point and opens it on the NBD server (the allow file); it creates nothing:
+    `pxe assign` made the SAN-boot session (a session found dead, e.g. after an appliance
+    restart, is restarted for the one fetch that may have it). report() consumes a rescue
+    assignment on success only.
+    """
 
     def __init__(
         self,
@@ -396,26 +478,59 @@ class BootPlanner:
         nbd_port: int,
         sessions: IscsiSessions,
         passphrase: str | None,
+        nbd_psk: tuple[str, str] | None = None,
+        scheme: str = "http",
     ) -> None:
         self.root = root
         self.http_port = http_port
         self.nbd_port = nbd_port
         self.sessions = sessions
         self.passphrase = passphrase
+        self.nbd_psk = nbd_psk
+        self.scheme = scheme
         self.store = assignments(root)
 
+    def _pin(self, a: Assignment) -> str:
+        """The point id the script is made for (`@latest` resolved now, once; SAN boot: the
+        point its session was made on at assignment)."""
+        assert a.point is not None
+        if a.action == "sanboot":
+            s = self.sessions.get(pxe_session_name(a.mac))
+            if s is not None:
+                return str(s["point"])
+        with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
+            return repo.resolve(a.point).name
+
     def script_for(self, mac: str, host: str) -> str:
-        a = self.store.consume_once(mac)
+        f = self.store.fetch(mac, pin=self._pin)
+        a = f.assignment
         if a is None:
             log.info("%s: not assigned", mac)
             return unassigned_script(mac)
         log.info("%s asks for its script (via %s): %s", mac, host, a.describe())
         if a.action == "local":
             return local_script()
-        assert a.point is not None
+        if not f.first:
+            log.warning("%s: boot script asked for again (via %s) after it was handed out: "
+                        "answered without secrets; `appliance pxe assign` re-arms it",
+                        mac, host)  # fmt: skip
+            return spent_script(mac)
+        try:
+            script, handed_out = self._first_script(a, mac, host)
+        except Exception:
+            self.store.unfetch(mac, a.token)
+            raise
+        if not handed_out:
+            self.store.unfetch(mac, a.token)
+        sync_nbd_allow(self.root)
+        return script
+
+    def _first_script(self, a: Assignment, mac: str, host: str) -> tuple[str, bool]:
+        """(script, whether it carries this arming's secrets)."""
+        assert a.pinned is not None
         if a.action == "rescue":
             with ds.Repository.open(self.root, passphrase=self.passphrase) as repo:
-                point = repo.resolve(a.point)  # pin the id: @latest may move mid-restore
+                point = repo.resolve(a.pinned)
             disks = boot_disks(point.name, (str(d["name"]) for d in point.manifest["disks"]))
             if len(disks) != len(a.dsts):
                 log.error("%s: %s has %d disk(s), the assignment names %d destination(s)",
@@ -423,17 +538,48 @@ class BootPlanner:
                 return error_script(
                     f"{point.name} has {len(disks)} disk(s) but the assignment names "
                     f"{len(a.dsts)} local disk(s); reassign with --dst"
-                )
-            src = ",".join(f"nbd://{host}:{self.nbd_port}/{point.name}/{d}" for d in disks)
+                ), False
+            base = f"{self.scheme}://{host}:{self.http_port}"
+            if self.nbd_psk is not None:
+                user, key = self.nbd_psk
+                srcs = [f"nbds://{user}@{host}:{self.nbd_port}/{point.name}/{d}"
+                        f"?tls-psk-file={RESCUE_PSK_PATH}" for d in disks]  # fmt: skip
+                psk = f" restore.psk={user}:{key}"
+            else:
+                srcs = [f"nbd://{host}:{self.nbd_port}/{point.name}/{d}" for d in disks]
+                psk = ""
             cmdline = (
-                f"{RESCUE_BASE_CMDLINE} restore.src={src} restore.dst={a.dst} "
-                "restore.zero=0 restore.reboot=1"
+                f"{RESCUE_BASE_CMDLINE} restore.src={','.join(srcs)} restore.dst={a.dst} "
+                f"restore.zero=0 restore.reboot=1 restore.report={base}/rescue/{a.token}{psk}"
             )
-            return rescue_script(f"http://{host}:{self.http_port}", cmdline)
-        s = self.sessions.export(a.point, pxe_session_name(mac), chap=True)
+            return rescue_script(base, cmdline), True
+        s = self.sessions.export(a.pinned, pxe_session_name(mac), chap=True)
         _, port = parse_listen(s["portal"])
         creds = (s["chap_user"], s["chap_secret"]) if s.get("chap_user") else None
-        return sanboot_script(iscsi_root_path(host, port, s["iqn"]), chap=creds)
+        return sanboot_script(iscsi_root_path(host, port, s["iqn"]), chap=creds), True
+
+    def report(self, token: str, ok: bool, message: str) -> bool:
+        """The rescue system of the arming `token` reports. Success consumes the assignment
+        (one-shot: next boot local); failure re-arms it (a reboot restores again) and logs
+        the reason. False for a token no assignment carries."""
+        text = " ".join(message.split())[:300]
+        if ok:
+            a = self.store.complete(token)
+            if a is None:
+                log.warning("rescue success reported with an unknown or spent token")
+                return False
+            log.info("%s: rescue of %s done (%s)", a.mac, a.pinned or a.point, text)
+        else:
+            a = self.store.find_token(token)
+            if a is None or a.action != "rescue":
+                log.warning("rescue failure reported with an unknown or spent token")
+                return False
+            self.store.unfetch(a.mac, token)
+            log.error("%s: rescue of %s FAILED: %s; the machine stays in the rescue system and "
+                      "its assignment stays armed (its next boot restores again)",
+                      a.mac, a.pinned or a.point, text)  # fmt: skip
+        sync_nbd_allow(self.root)
+        return True
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -458,13 +604,21 @@ def register(sub: Any) -> None:
         "--nbd",
         default=DEFAULT_NBD,
         metavar="HOST:PORT",
-        help=f"NBD server for rescue restores (default {DEFAULT_NBD})",
+        help=f"NBD server for rescue restores, always TLS-PSK (default {DEFAULT_NBD}); it "
+        "exports only the points of rescues in progress",
     )
     s.add_argument(
         "--iscsi-portal",
         default=DEFAULT_PORTAL,
         metavar="HOST:PORT",
-        help=f"iSCSI portal for SAN boot (default {DEFAULT_PORTAL})",
+        help=f"iSCSI portal of SAN-boot sessions assigned while this runs (default "
+        f"{DEFAULT_PORTAL}: loopback; SAN boot from the LAN needs e.g. 0.0.0.0:3260)",
+    )
+    s.add_argument(
+        "--https",
+        metavar="CERT,KEY",
+        help="serve the boot HTTP server over HTTPS with these PEM files (only for an iPXE "
+        "built with HTTPS: Debian's ipxe package has none)",
     )
     s.add_argument(
         "--tftp-root", type=Path, metavar="DIR", help="TFTP root (default <repo>/pxe/tftp)"
@@ -497,6 +651,12 @@ def register(sub: Any) -> None:
         "--always",
         action="store_true",
         help="rescue: keep serving the rescue system on every boot (default: once)",
+    )
+    a.add_argument(
+        "--portal",
+        metavar="HOST:PORT",
+        help="sanboot: iSCSI portal of the session (default: that of the running `pxe serve`, "
+        f"else {DEFAULT_PORTAL})",
     )
     a.add_argument(
         "--dst",
@@ -573,10 +733,22 @@ def cmd_assign(args: argparse.Namespace) -> int:
                         f"{ndst}: give one local disk per backed-up disk, e.g. --dst {example}"
                     )
             point = args.point
+        session = None
+        if args.action == "sanboot":
+            assert point is not None
+            # side effects on assignment, not on fetch: the overlay and the iSCSI target exist
+            # now; a live session gets a new CHAP secret (the last script's is spent)
+            portal = args.portal or serve_portal(root) or DEFAULT_PORTAL
+            sessions = IscsiSessions(root, passphrase=_pw(root, args), portal=portal)
+            session = sessions.export(point, pxe_session_name(mac), chap=True, rotate_chap=True)
         a = assignments(root).set(mac, args.action, point, once=not args.always, dst=args.dst)
+        sync_nbd_allow(root)
     except AssignmentError as exc:
         raise UserError(str(exc)) from None
-    print(f"{a.mac}: {a.describe()}")
+    extra = ""
+    if session is not None:
+        extra = f"; iSCSI session {session['name']} {session['iqn']} on {session['portal']}"
+    print(f"{a.mac}: {a.describe()}{extra}")
     return 0
 
 
@@ -586,7 +758,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     except AssignmentError as exc:
         raise UserError(str(exc)) from None
     if args.json:
-        emit_json([a.as_dict() for a in items])
+        emit_json([a.public_dict() for a in items])
     elif not items:
         print("no assignments")
     else:
@@ -599,6 +771,7 @@ def cmd_unassign(args: argparse.Namespace) -> int:
     root = repo_path(args)
     try:
         old = assignments(root).remove(args.mac)
+        sync_nbd_allow(root)
     except AssignmentError as exc:
         raise UserError(str(exc)) from None
     name = pxe_session_name(old.mac)
@@ -687,18 +860,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"building the rescue system into {rescue_dir} ...", flush=True)
         build_rescue(rescue_dir)
     tftp_root = (args.tftp_root or pxe_dir(root) / "tftp").resolve()
+    tls: tuple[Path, Path] | None = None
     try:
         http_host, http_port = parse_listen(args.http)
         parse_listen(args.iscsi_portal)
+        if args.https:
+            cert, sep, key = args.https.partition(",")
+            if not sep or not cert or not key:
+                raise ValueError(f"--https wants CERT,KEY (two PEM files), not {args.https!r}")
+            tls = (Path(cert).resolve(), Path(key).resolve())
     except ValueError as exc:
         raise UserError(str(exc)) from None
     server_ip = subnet = None
     if args.interface:
         server_ip, subnet = _interface_ipv4(args.interface)
     sessions = IscsiSessions(root, passphrase=pw, portal=args.iscsi_portal)
+    # a busy iSCSI portal is an error now, naming its owner (our own tgtd may hold it)
+    tgtd = sessions.daemon.state()
+    try:
+        check_portal_free(args.iscsi_portal,
+                          ours=_proc.ProcRef.from_dict(tgtd["proc"]) if tgtd else None)  # fmt: skip
+    except IscsiError as exc:
+        raise UserError(str(exc)) from None
+    # NBD: always TLS-PSK (the rescue system gets the PSK in its one-time script), and only
+    # the points of rescues in progress
+    try:
+        psk_user, psk_key = write_psk_file(pxe_dir(root) / "nbd.psk", NBD_PSK_USER)
+    except NbdServerError as exc:
+        raise UserError(str(exc)) from None
+    sync_nbd_allow(root)
     nbd = NbdServer(
-        root, listen=args.nbd, passphrase=pw, readonly=True, stderr=None, exit_with_parent=True
-    )
+        root, listen=args.nbd, passphrase=pw, readonly=True, stderr=None, exit_with_parent=True,
+        tls_psk=pxe_dir(root) / "nbd.psk", allow_file=nbd_allow_path(root),
+    )  # fmt: skip
     httpd: BootHttpServer | None = None
     dnsmasq: DnsmasqProcess | None = None
 
@@ -710,15 +904,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nbd.start()
         assert nbd.port is not None
         planner = BootPlanner(
-            root, http_port=0, nbd_port=nbd.port, sessions=sessions, passphrase=pw
-        )
+            root, http_port=0, nbd_port=nbd.port, sessions=sessions, passphrase=pw,
+            nbd_psk=(psk_user, psk_key), scheme="https" if tls else "http",
+        )  # fmt: skip
         try:
             httpd = BootHttpServer(
-                (http_host, http_port), rescue_dir=rescue_dir, script_for=planner.script_for
-            )
+                (http_host, http_port), rescue_dir=rescue_dir, script_for=planner.script_for,
+                report=planner.report, tls=tls,
+            )  # fmt: skip
+        except ssl.SSLError as exc:
+            raise UserError(f"--https {args.https}: {exc.reason or exc}") from None
         except OSError as exc:
-            raise UserError(f"cannot listen on {args.http}: {exc.strerror}") from None
+            where = args.https if exc.filename is None and tls else args.http
+            raise UserError(f"cannot use {where}: {exc.strerror}") from None
         planner.http_port = httpd.port
+        run = run_dir(root)
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json(run / "serve.json", {"proc": _proc.ref_of(os.getpid()).as_dict(),
+                                         "iscsi_portal": args.iscsi_portal})  # fmt: skip
         advertise = (
             args.advertise
             or server_ip
@@ -726,12 +929,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "127.0.0.1" if http_host == "0.0.0.0" else http_host  # noqa: S104
             )
         )
-        prepare_tftp_root(tftp_root, f"http://{advertise}:{httpd.port}")
+        prepare_tftp_root(tftp_root, f"{httpd.scheme}://{advertise}:{httpd.port}")
         httpd.start()
         if args.interface:
             assert server_ip is not None and subnet is not None
-            run = pxe_dir(root) / "run"
-            run.mkdir(parents=True, exist_ok=True)
             conf = run / "dnsmasq.conf"
             conf.write_text(
                 render_config(
@@ -756,8 +957,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dnsmasq = DnsmasqProcess(conf, log_path=run / "dnsmasq.log")
             dnsmasq.start()
         print(
-            f"pxe: http {http_host}:{httpd.port}, nbd {nbd.host}:{nbd.port}, "
-            f"tftp {tftp_root}, boot.ipxe -> http://{advertise}:{httpd.port}"
+            f"pxe: {httpd.scheme} {http_host}:{httpd.port}, nbd {nbd.host}:{nbd.port} (TLS-PSK), "
+            f"iscsi portal {args.iscsi_portal}, "
+            f"tftp {tftp_root}, boot.ipxe -> {httpd.scheme}://{advertise}:{httpd.port}"
             + (
                 f", dnsmasq pid {dnsmasq.pid} on {args.interface}"
                 if dnsmasq
@@ -765,6 +967,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
+        next_check = time.monotonic() + SUPERVISE_S
         while True:
             if not nbd.alive():
                 print("appliance: nbdkit died", flush=True)
@@ -772,6 +975,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if dnsmasq is not None and dnsmasq.proc is not None and dnsmasq.proc.poll() is not None:
                 print("appliance: dnsmasq died", flush=True)
                 return 1
+            if time.monotonic() >= next_check:  # SAN-boot sessions (and the tgtd) supervised
+                for name in sessions.revive():
+                    print(f"pxe: restarted iSCSI session {name}", flush=True)
+                next_check = time.monotonic() + SUPERVISE_S
             time.sleep(0.5)
     except (_Stop, KeyboardInterrupt):
         return 0
@@ -783,4 +990,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if httpd is not None:
             httpd.stop()
         nbd.stop()
+        (run_dir(root) / "serve.json").unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, old)
+        _say_sessions_left(sessions)
+
+
+def _say_sessions_left(sessions: IscsiSessions) -> None:
+    """`pxe serve` leaves iSCSI sessions running (machines run from them): say which, and how
+    to end them."""
+    try:
+        left = [s for s in sessions.list() if s["alive"]]
+    except (IscsiError, OSError, subprocess.SubprocessError) as exc:
+        print(f"pxe: could not list the iSCSI sessions left running: {exc}", flush=True)
+        return
+    if not left:
+        return
+    print(f"pxe: stopped; {len(left)} SAN-boot/iSCSI session(s) keep running (machines may "
+          "run from them):", flush=True)  # fmt: skip
+    for s in left:
+        how = f"appliance iscsi unexport {s['name']} [--commit]"
+        if s["name"].startswith("pxe-"):
+            mac = ":".join(s["name"][4:][i : i + 2] for i in range(0, 12, 2))
+            how = f"appliance pxe unassign {mac}  (or {how})"
+        print(f"  {s['name']}: {s['point']} as {s['iqn']} on {s.get('portal')}, "
+              f"{s['initiators']} initiator(s); stop: {how}", flush=True)  # fmt: skip

@@ -64,3 +64,31 @@ def test_overlay_shared_between_connections(repo_image: RepoImage, tmp_path: Pat
         from dedupstore import drop_overlay
 
         drop_overlay(repo, "share")
+
+
+def test_allow_list_exports_only_the_assigned_point(repo_image: RepoImage) -> None:
+    """A PXE session's server exports only its point: other points, their @latest alias and
+    overlays are neither listed nor opened; the list is asked again on every call."""
+    allowed: set[str] = {repo_image.point}
+    with Repository.open(repo_image.root) as repo:
+        create_overlay(repo, repo_image.point, "allowtest")
+        cat = Catalogue(repo, allow=lambda: frozenset(allowed))
+        try:
+            names = dict(cat.list_exports())
+            assert f"{repo_image.point}/disk0" in names and "vm1@latest/disk0" in names
+            assert not any(n.startswith("overlay/") for n in names)
+            cat.open(f"{repo_image.point}/disk0", readonly=True).close()
+            with pytest.raises(NotFound, match="only assigned overlays"):
+                cat.open("overlay/allowtest/disk0", readonly=False)
+            allowed.clear()
+            assert cat.list_exports() == []
+            with pytest.raises(NotFound, match="only assigned points"):
+                cat.open("vm1@latest/disk0", readonly=True)
+            allowed.add("overlay/allowtest")
+            assert [n for n, _ in cat.list_exports()] == ["overlay/allowtest/disk0"]
+            cat.open("overlay/allowtest/disk0", readonly=False).close()
+        finally:
+            cat.close()
+            from dedupstore import drop_overlay
+
+            drop_overlay(repo, "allowtest")

@@ -309,6 +309,79 @@ def test_unix_socket_stale_and_tls_psk(repo_image: RepoImage, tmp_path: Path,
     assert plain.returncode != 0
 
 
+def _cli_serve(root: Path, *args: str) -> subprocess.Popen[str]:
+    appliance = Path(sys.executable).with_name("appliance")
+    return subprocess.Popen([str(appliance), "--repo", str(root), "nbd", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop_cli(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
+def test_cli_serve_off_loopback_without_tls_is_refused(repo_image: RepoImage,
+                                                       listen: str) -> None:
+    proc = _cli_serve(repo_image.root, "--listen", listen)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert err.startswith("appliance: error: refusing to serve NBD on ")
+    assert "--tls-psk" in err and "--insecure" in err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_server_refuses_off_loopback_without_tls(repo_image: RepoImage) -> None:
+    with pytest.raises(NbdServerError, match=r"--tls-psk FILE.*--insecure"):
+        NbdServer(repo_image.root, listen="0.0.0.0:0").start()
+
+
+def test_cli_serve_tls_psk_off_loopback(repo_image: RepoImage, tmp_path: Path) -> None:
+    """`nbd serve --listen 0.0.0.0:0 --tls-psk F` serves: nbdinfo/nbdcopy with the PSK read the
+    point byte-exact; without TLS, or with another key, they get nothing. `--only` narrows the
+    exports to one point; `--insecure` allows clear text off loopback when asked for."""
+    need("nbdinfo")
+    need("nbdcopy")
+    psk = tmp_path / "keys.psk"
+    psk.write_text("alice:" + os.urandom(32).hex() + "\n")
+    wrong = tmp_path / "wrong.psk"
+    wrong.write_text("alice:" + os.urandom(32).hex() + "\n")
+    proc = _cli_serve(repo_image.root, "--listen", "0.0.0.0:0", "--tls-psk", str(psk),
+                      "--only", repo_image.point)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line + (proc.stderr.read() if proc.stderr else "")
+        port = int(line.split(" on ")[1].split(" ")[0].rsplit(":", 1)[1])
+        base = f"nbds://alice@127.0.0.1:{port}"
+        listed = run(["nbdinfo", "--list", "--json", f"{base}/?tls-psk-file={psk}"])
+        names = {e["export-name"] for e in json.loads(listed.stdout)["exports"]}
+        assert names == {f"{repo_image.point}/disk0", "vm1@latest/disk0"}
+        out = tmp_path / "copy.img"
+        run(["nbdcopy", f"{base}/{repo_image.point}/disk0?tls-psk-file={psk}", str(out)])
+        assert sha256_file(out) == hashlib.sha256(repo_image.data).hexdigest()
+        for uri in (f"nbd://127.0.0.1:{port}/{repo_image.point}/disk0",
+                    f"{base}/{repo_image.point}/disk0?tls-psk-file={wrong}"):
+            assert run(["nbdinfo", "--size", uri], check=False).returncode != 0, uri
+    finally:
+        _stop_cli(proc)
+    proc = _cli_serve(repo_image.root, "--listen", "0.0.0.0:0", "--insecure")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line + (proc.stderr.read() if proc.stderr else "")
+        port = int(line.split(" on ")[1].split(" ")[0].rsplit(":", 1)[1])
+        size = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}/vm1@latest/disk0"])
+        assert int(size.stdout) == len(repo_image.data)
+    finally:
+        _stop_cli(proc)
+
+
 def test_cli_serve_foreground_sigterm(repo_image: RepoImage) -> None:
     need("nbdinfo")
     appliance = Path(sys.executable).with_name("appliance")

@@ -19,6 +19,29 @@ from pxeutil import BIN, MARKER, PointRepo, Serve, run_cli, sha256_file, teardow
 from vmutil import free_tcp_port
 
 
+@pytest.fixture(scope="session", autouse=True)
+def appliance_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The appliance-wide state (the shared tgtd) of these tests lives in a temp dir, not in
+    /run/dr-appliance; the tgtd is stopped at the end even if a test left a target."""
+    from pxe.iscsi import RUN_DIR_ENV, TargetDaemon, stop_tgtd
+
+    run = tmp_path_factory.mktemp("run")
+    old = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run)
+    try:
+        yield run
+    finally:
+        from pxe import _proc
+
+        st = TargetDaemon().state()
+        if st is not None:
+            stop_tgtd(_proc.ProcRef.from_dict(st["proc"]), int(st["control_port"]))
+        if old is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = old
+
+
 @pytest.fixture(scope="module")
 def point_repo(tmp_path_factory: pytest.TempPathFactory) -> PointRepo:
     """A repository with one full image point of a 16 MiB bootable test disk (marker PXEDISK).
@@ -64,7 +87,7 @@ def serve(point_repo: PointRepo, rescue_dir: Path, tmp_path: Path) -> Iterator[S
         deadline = time.monotonic() + 60
         while True:
             text = log_path.read_text(errors="replace")
-            m = re.search(r"nbd [\d.]+:(\d+),", text)
+            m = re.search(r"nbd [\d.]+:(\d+) ", text)
             if m and "pxe: http" in text:
                 break
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -44,16 +44,14 @@ class Serve:
 
 
 def teardown_iscsi(root: Path) -> None:
-    """Stop every iSCSI session of `root` and its tgtd (by the PIDs they recorded)."""
-    from pxe import _proc
-    from pxe.iscsi import stop_tgtd
+    """Stop every iSCSI session of `root` (by the PIDs they recorded), and the appliance's
+    tgtd once no repository has a target left."""
+    from pxe.iscsi import TargetDaemon
 
     env = {"APPLIANCE_REPO": str(root)}
     with contextlib.suppress(AssertionError, ValueError):
         for s in json.loads(run_cli("iscsi", "list", "--json", env=env).stdout):
             run_cli("iscsi", "unexport", s["name"], env=env, check=False)
-    state = root / "pxe" / "iscsi" / "tgtd.json"
-    if state.exists():
-        st = json.loads(state.read_text())
-        stop_tgtd(_proc.ProcRef.from_dict(st["proc"]), int(st["control_port"]))
-        state.unlink()
+    daemon = TargetDaemon()
+    with daemon.locked():
+        daemon.stop_if_idle()

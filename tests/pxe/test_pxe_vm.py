@@ -62,6 +62,7 @@ def test_pxe_rescue_restores_point_then_boots_local_disk(
     with qemu_vm(args, serial_log=tmp_path / "rescue.log", fail_on=FAIL_ON) as vm:
         t_start = vm.wait_for("RESTORE START", timeout_s=BOOT_TIMEOUT_S)
         t_ok = vm.wait_for("RESTORE OK", timeout_s=60)
+        vm.wait_for("REPORTED done", timeout_s=30)  # the appliance accepted the callback
         vm.wait_exit(timeout_s=30)  # restore.reboot=1 + -no-reboot: QEMU exits
         text = vm.log_text()
     # iPXE fetched the rescue system over HTTP (its "ok" may be cut by the kernel's console
@@ -70,7 +71,8 @@ def test_pxe_rescue_restores_point_then_boots_local_disk(
     assert "RESCUE READY" in text
     m = re.search(r"RESTORE OK (\d+)", text)
     assert m and int(m.group(1)) == point_repo.size
-    assert f"nbd://10.0.2.2:{serve.nbd_port}/{point_repo.point}/disk0" in text
+    # NBD over TLS-PSK (the PSK came in the one-time script) to the pinned point
+    assert f"nbds://dr-appliance@10.0.2.2:{serve.nbd_port}/{point_repo.point}/disk0" in text
     assert sha256_file(target) == point_repo.sha256
     mb_s = point_repo.size / 1e6 / max(t_ok - t_start, 1e-3)
     log.info(
@@ -80,7 +82,7 @@ def test_pxe_rescue_restores_point_then_boots_local_disk(
         mb_s,
         point_repo.size >> 20,
     )
-    # one-shot: the machine's next network boot is the local disk
+    # one-shot, consumed by the rescue system's success callback: the next boot is local
     assert assignment(serve, mac)["action"] == "local"
 
     expected_read = hashlib.sha256(read_sector(target, PARTITION_START_LBA)).hexdigest()
@@ -102,7 +104,10 @@ def test_sanboot_over_iscsi_writes_to_overlay_and_commits(
     # A diskless machine: iPXE boots from the LUN over iSCSI (INT 13h), then the guest's Linux
     # reads iPXE's iBFT, brings up the NIC and logs in with its own initiator (iscsistart), as
     # an OS installed on a SAN disk does. Its write goes tgt -> nbdfuse -> nbdkit -> overlay.
-    iqn = f"iqn.2024-01.org.dr-appliance:{session}"
+    # `pxe assign` made the session already: its IQN names the repository and the session
+    [made] = json.loads(run_cli("iscsi", "list", "--json", env=serve.env()).stdout)
+    iqn = made["iqn"]
+    assert made["name"] == session and iqn.endswith(f".{session}")
     expected_read = hashlib.sha256(read_sector(point_repo.disk, PARTITION_START_LBA)).hexdigest()
     with qemu_vm(pxe_args(serve, mac), serial_log=tmp_path / "sanboot.log",
                  fail_on=(*FAIL_ON, "SAN FAILED")) as vm:  # fmt: skip
@@ -146,6 +151,32 @@ def test_sanboot_over_iscsi_writes_to_overlay_and_commits(
         da, db = a.read(), b.read()
     assert da[: lba * SECTOR] == db[: lba * SECTOR]
     assert da[(lba + 1) * SECTOR :] == db[(lba + 1) * SECTOR :]
+
+
+def test_pxe_rescue_failure_stays_in_rescue_and_keeps_the_assignment(
+    serve: Serve, point_repo: PointRepo, tmp_path: Path
+) -> None:
+    """A restore that fails (the local disk is too small) reports the failure, never reboots
+    into the half-written local disk, and leaves the assignment armed: the machine's next
+    network boot restores again."""
+    mac = "52:54:00:d1:00:05"
+    run_cli("pxe", "assign", mac, "rescue", "vm1@latest", env=serve.env())
+    target = tmp_path / "small.img"
+    with target.open("wb") as f:
+        f.truncate(point_repo.size // 2)
+    args = [*pxe_args(serve, mac), "-drive", f"file={target},format=raw,if=ide"]
+    fail_on = tuple(x for x in FAIL_ON if x != "RESTORE FAILED")
+    with qemu_vm(args, serial_log=tmp_path / "rescue.log", fail_on=fail_on) as vm:
+        vm.wait_for("RESTORE FAILED", timeout_s=BOOT_TIMEOUT_S)
+        vm.wait_for("REPORTED failed", timeout_s=30)
+        vm.wait_for("RESCUE HALTED", timeout_s=30)
+        a = assignment(serve, mac)
+        assert a["action"] == "rescue" and a["fetched_ns"] == 0  # armed again
+        assert vm.proc is not None and vm.proc.poll() is None  # no reboot: still in rescue
+        text = vm.log_text()
+    assert "too small" in text and "RESTORE OK" not in text
+    assert "FAILED" in serve.log_path.read_text()  # the appliance logged the reason
+    run_cli("pxe", "unassign", mac, env=serve.env())
 
 
 def test_iso_boots_to_rescue_ready(tmp_path: Path) -> None:

@@ -3,20 +3,24 @@ and the CLI's one-line errors. No VMs; the iSCSI test runs real tgtd/nbdfuse/nbd
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pxeutil import PointRepo, run_cli, sha256_file
+from pxeutil import PointRepo, Serve, run_cli, sha256_file
 from testlib import assert_logs
 
 from pxe.assignments import Assignment, AssignmentError, AssignmentStore, normalize_mac
@@ -39,6 +43,7 @@ from pxe.ipxe import (
     local_script,
     rescue_script,
     sanboot_script,
+    spent_script,
     unassigned_script,
 )
 
@@ -92,37 +97,52 @@ def test_assignments_persist_across_instances(tmp_path: Path) -> None:
     assert AssignmentStore(tmp_path / "pxe").get("52:54:00:00:00:03") is None
 
 
-def test_rescue_is_served_once_then_local(tmp_path: Path) -> None:
+def test_script_is_handed_out_once_and_rescue_consumed_only_on_done(tmp_path: Path) -> None:
+    """A fetch spends the arming's script but leaves the rescue armed; only `complete` with the
+    arming's token consumes it (once: -> local; --always: re-armed with a new token)."""
     store = AssignmentStore(tmp_path)
-    store.set("52:54:00:00:00:01", "rescue", "vm1@latest")
-    store.set("52:54:00:00:00:02", "rescue", "vm1@latest", once=False)
-    first = store.consume_once("52:54:00:00:00:01")
-    assert first is not None and first.action == "rescue"
-    second = store.consume_once("52:54:00:00:00:01")
-    assert second is not None and second.action == "local"
-    for _ in range(2):
-        always = store.consume_once("52:54:00:00:00:02")
-        assert always is not None and always.action == "rescue"
-    assert store.consume_once("52:54:00:00:00:09") is None
+    a1 = store.set("52:54:00:00:00:01", "rescue", "vm1@latest")
+    a2 = store.set("52:54:00:00:00:02", "rescue", "vm1@latest", once=False)
+    assert len(a1.token) == 32 and a1.token != a2.token and a1.armed
+    first = store.fetch("52:54:00:00:00:01", pin=lambda a: "vm1@7")
+    assert first.first and first.assignment is not None and first.assignment.pinned == "vm1@7"
+    second = store.fetch("52:54:00:00:00:01")
+    assert not second.first  # spent: the secrets went out with the first answer
+    a = store.get("52:54:00:00:00:01")
+    assert a is not None and a.action == "rescue" and not a.armed  # still a rescue
+    assert store.pinned_points() == ["vm1@7"]
+    assert store.complete("0" * 32) is None and store.complete("") is None
+    assert store.complete(a1.token) is not None
+    after = store.get("52:54:00:00:00:01")
+    assert after is not None and after.action == "local"
+    assert store.complete(a1.token) is None  # a token works once
+    assert store.pinned_points() == []
+    store.fetch("52:54:00:00:00:02")
+    assert store.complete(a2.token) is not None
+    again = store.get("52:54:00:00:00:02")
+    assert again is not None and again.action == "rescue" and again.armed
+    assert again.token != a2.token
+    assert store.fetch("52:54:00:00:00:09").assignment is None
+    assert (tmp_path / "assignments.json").stat().st_mode & 0o077 == 0  # tokens: root only
 
 
-def test_consume_once_races_serve_rescue_exactly_once(tmp_path: Path) -> None:
+def test_fetch_races_hand_out_the_script_exactly_once(tmp_path: Path) -> None:
     store = AssignmentStore(tmp_path)
     store.set("52:54:00:00:00:01", "rescue", "vm1@latest")
-    results: list[str] = []
+    results: list[bool] = []
     lock = threading.Lock()
 
     def ask() -> None:
-        a = AssignmentStore(tmp_path).consume_once("52:54:00:00:00:01")
+        f = AssignmentStore(tmp_path).fetch("52:54:00:00:00:01")
         with lock:
-            results.append(a.action if a else "none")
+            results.append(f.first)
 
     threads = [threading.Thread(target=ask) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == ["local"] * 7 + ["rescue"]
+    assert sorted(results) == [False] * 7 + [True]
 
 
 def test_rescue_destination(tmp_path: Path) -> None:
@@ -189,6 +209,9 @@ def test_local_and_unassigned_scripts() -> None:
     assert "sanboot --no-describe --drive 0x80 || goto firmware" in local  # BIOS: drive 0x80
     s = unassigned_script("52:54:00:00:00:01")
     assert "52:54:00:00:00:01" in s and s.rstrip().endswith("exit")
+    spent = spent_script("52:54:00:00:00:01")
+    assert "already handed out" in spent and "exit" not in spent  # never the local disk
+    assert "chain --autofree ${cwuri} || goto spent" in spent
 
 
 # -- dnsmasq ------------------------------------------------------------------------------------
@@ -324,6 +347,9 @@ def test_http_boot_script_by_mac(
                      level=logging.ERROR, count=1):
         assert _get(f"{base}/boot/52-54-00-ab-00-ff.ipxe")[0] == 500  # callback bug: 500
     assert _get(f"{base}/boot/52-54-00-ab-00-03.ipxe")[0] == 200
+    n = len(calls)
+    status, headers, body = _get(f"{base}/boot/52-54-00-ab-00-04.ipxe", method="HEAD")
+    assert status == 405 and headers["Allow"] == "GET" and len(calls) == n  # no callback
     assert _get(f"{base}/etc/passwd")[0] == 404
     assert _get(f"{base}/rescue/../../etc/passwd")[0] == 404
     status, _, body = _get(f"{base}/boot.ipxe", {"Host": "10.9.9.9:8080"})
@@ -354,17 +380,27 @@ def test_http_rescue_files_support_ranges(
 # -- CLI ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("tgtd", "nbdfuse")),
+                    reason="needs tgt, libnbd-bin")  # fmt: skip
 def test_cli_assign_list_unassign(point_repo: PointRepo) -> None:
+    from pxeutil import teardown_iscsi
+    from vmutil import free_tcp_port
+
     env = {"APPLIANCE_REPO": str(point_repo.root)}
     out = run_cli("pxe", "assign", "52-54-00-00-00-0A", "rescue", "vm1@latest", env=env).stdout
     assert out.strip() == "52:54:00:00:00:0a: rescue vm1@latest onto /dev/sda (once)"
-    run_cli("pxe", "assign", "52:54:00:00:00:0b", "sanboot", point_repo.point, env=env)
+    try:
+        run_cli("pxe", "assign", "52:54:00:00:00:0b", "sanboot", point_repo.point, "--portal",
+                f"127.0.0.1:{free_tcp_port()}", env=env)  # fmt: skip
+    finally:
+        teardown_iscsi(point_repo.root)
     run_cli("pxe", "assign", "52:54:00:00:00:0c", "local", env=env)
     items = json.loads(run_cli("pxe", "list", "--json", env=env).stdout)
     assert [(a["mac"], a["action"]) for a in items] == [
         ("52:54:00:00:00:0a", "rescue"), ("52:54:00:00:00:0b", "sanboot"),
         ("52:54:00:00:00:0c", "local"),
     ]  # fmt: skip
+    assert all("token" not in a for a in items)  # listings never show the secret
     assert "52:54:00:00:00:0b  sanboot" in run_cli("pxe", "list", env=env).stdout
     for mac in ("52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"):
         run_cli("pxe", "unassign", mac, env=env)
@@ -411,8 +447,11 @@ def test_boot_planner_script_per_assignment(point_repo: PointRepo, tmp_path: Pat
         # @latest is pinned to the point's id, so a backup landing mid-restore changes nothing
         assert f"restore.src=nbd://10.0.0.1:10809/{point_repo.point}/disk0 " in s
         assert "restore.dst=/dev/vda restore.zero=0 restore.reboot=1" in s
-        again = planner.script_for("52:54:00:00:01:01", "10.0.0.1")
-        assert again == local_script()  # one-shot rescue
+        a = store.get("52:54:00:00:01:01")
+        assert a is not None and f"restore.report=http://10.0.0.1:8080/rescue/{a.token}" in s
+        with assert_logs("boot script asked for again", level=logging.WARNING):
+            again = planner.script_for("52:54:00:00:01:01", "10.0.0.1")
+        assert again == spent_script("52:54:00:00:01:01")  # secrets went out once
         assert planner.script_for("52:54:00:00:01:02", "10.0.0.1") == local_script()
         assert planner.script_for("52:54:00:00:01:09", "10.0.0.1") == unassigned_script(
             "52:54:00:00:01:09"
@@ -420,6 +459,113 @@ def test_boot_planner_script_per_assignment(point_repo: PointRepo, tmp_path: Pat
     finally:
         for mac in ("52:54:00:00:01:01", "52:54:00:00:01:02"):
             store.remove(mac)
+
+
+def _post(url: str, body: bytes = b"") -> int:
+    return _get_req(urllib.request.Request(url, data=body, method="POST"))[0]
+
+
+def _get_req(req: urllib.request.Request) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_rescue_assignment_is_consumed_only_by_the_done_callback(
+    point_repo: PointRepo, tmp_path: Path
+) -> None:
+    """Through the real HTTP server: fetching the rescue script leaves the assignment armed;
+    a second GET gets no secrets and a HEAD nothing; POST done with a wrong token is refused;
+    a reported failure re-arms it (a reboot restores again); done with the right token
+    consumes it, once."""
+    from appliance.commands.pxe import BootPlanner, IscsiSessions, assignments, nbd_allow_path
+
+    root = point_repo.root
+    mac = "52:54:00:00:09:01"
+    store = assignments(root)
+    store.set(mac, "rescue", "vm1@latest")
+    token = store.get(mac).token  # type: ignore[union-attr]
+    planner = BootPlanner(root, http_port=0, nbd_port=10809, sessions=IscsiSessions(root),
+                          passphrase=None, nbd_psk=("dr-appliance", "ab" * 32))  # fmt: skip
+    rescue = tmp_path / "rescue"
+    rescue.mkdir()
+    srv = BootHttpServer(("127.0.0.1", 0), rescue_dir=rescue, script_for=planner.script_for,
+                         report=planner.report)  # fmt: skip
+    planner.http_port = srv.port
+    srv.start()
+    base = f"http://127.0.0.1:{srv.port}"
+    script_url = f"{base}/boot/{mac.replace(':', '-')}.ipxe"
+    try:
+        assert _get(script_url, method="HEAD")[0] == 405
+        assert store.get(mac).armed  # type: ignore[union-attr]  # HEAD changed nothing
+        status, _, body = _get(script_url)
+        script = body.decode()
+        assert status == 200 and f"restore.report={base}/rescue/{token}" in script
+        assert "restore.psk=dr-appliance:" + "ab" * 32 in script
+        assert (f"restore.src=nbds://dr-appliance@127.0.0.1:10809/{point_repo.point}/disk0"
+                "?tls-psk-file=/etc/nbd.psk ") in script  # fmt: skip
+        a = store.get(mac)
+        assert a is not None and a.action == "rescue"  # fetched, still armed
+        assert nbd_allow_path(root).read_text() == f"{point_repo.point}\n"  # NBD opens it
+        with assert_logs("boot script asked for again", level=logging.WARNING):
+            status, _, body = _get(script_url)
+        assert status == 200 and token not in body.decode() and b"restore.psk" not in body
+        with assert_logs("unknown or spent token", level=logging.WARNING):
+            assert _post(f"{base}/rescue/{'0' * 32}/done") == 403
+        assert _post(f"{base}/rescue/{token}/nonsense") == 404
+        assert store.get(mac).action == "rescue"  # type: ignore[union-attr]
+        with assert_logs("FAILED: nbdcopy exited 1", level=logging.ERROR):
+            assert _post(f"{base}/rescue/{token}/failed", b"nbdcopy exited 1") == 200
+        a = store.get(mac)
+        assert a is not None and a.action == "rescue" and a.armed  # the next boot restores
+        assert nbd_allow_path(root).read_text() == ""
+        status, _, body = _get(script_url)
+        assert status == 200 and f"/rescue/{token}" in body.decode()
+        assert _post(f"{base}/rescue/{token}/done", b"RESTORE OK 1") == 200
+        a = store.get(mac)
+        assert a is not None and a.action == "local"
+        assert nbd_allow_path(root).read_text() == ""
+        with assert_logs("unknown or spent token", level=logging.WARNING):
+            assert _post(f"{base}/rescue/{token}/done") == 403  # once
+    finally:
+        srv.stop()
+        with contextlib.suppress(AssignmentError):
+            store.remove(mac)
+
+
+def test_boot_http_server_over_https(tmp_path: Path) -> None:
+    """`--https CERT,KEY`: scripts and (Range) files over TLS; plain HTTP gets nothing."""
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    rescue = tmp_path / "rescue"
+    rescue.mkdir()
+    (rescue / "vmlinuz").write_bytes(os.urandom(300_000))
+    srv = BootHttpServer(("127.0.0.1", 0), rescue_dir=rescue,
+                         script_for=lambda mac, host: f"#!ipxe\necho {mac}\n",
+                         tls=(cert, key))  # fmt: skip
+    srv.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        base = f"https://127.0.0.1:{srv.port}"
+        with urllib.request.urlopen(f"{base}/boot/52-54-00-00-00-01.ipxe", context=ctx,
+                                    timeout=10) as r:  # fmt: skip
+            assert r.read() == b"#!ipxe\necho 52:54:00:00:00:01\n"
+        req = urllib.request.Request(f"{base}/rescue/vmlinuz", headers={"Range": "bytes=5-"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            assert r.status == 206 and r.read() == (rescue / "vmlinuz").read_bytes()[5:]
+        with urllib.request.urlopen(f"{base}/boot.ipxe", context=ctx, timeout=10) as r:
+            assert f"https://127.0.0.1:{srv.port}/boot/" in r.read().decode()
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/boot.ipxe", timeout=10)
+    finally:
+        srv.stop()
 
 
 # -- iSCSI export without a VM ------------------------------------------------------------------
@@ -474,7 +620,9 @@ def test_iscsi_export_write_unexport_commit(point_repo: PointRepo, tmp_path: Pat
         out = run_cli("iscsi", "unexport", "take1", "--commit", "--drop", env=env).stdout
         new_point = out.strip().rsplit(" ", 1)[-1]
         assert run_cli("iscsi", "list", env=env).stdout.strip() == "no iSCSI sessions"
-        assert not (point_repo.root / "pxe" / "iscsi" / "tgtd.json").exists()  # tgtd stopped
+        from pxe.iscsi import TargetDaemon
+
+        assert TargetDaemon().state() is None  # the last target went: tgtd stopped
         restored = tmp_path / "committed.img"
         run_cli("restore", f"{new_point}/disk0", str(restored), env=env)
         data = restored.read_bytes()
@@ -568,4 +716,199 @@ def test_rescue_of_a_two_disk_point_needs_one_destination_per_disk(
     assert (f"restore.src=nbd://10.0.0.1:10809/{point}/disk0,"
             f"nbd://10.0.0.1:10809/{point}/disk1 restore.dst=/dev/vda,/dev/vdb ") in s  # fmt: skip
     after = assignments(root).get(mac)
-    assert after is not None and after.action == "local"  # one-shot: the next boot is local
+    # handed out, still a rescue until the rescue system reports success
+    assert after is not None and after.action == "rescue" and after.pinned == point
+
+
+# -- one tgtd per appliance, SAN boot prepared on assignment ---------------------------------------
+
+_NEEDS_ISCSI = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("tgtd", "nbdfuse", "qemu-img")),
+    reason="needs tgt, libnbd-bin, qemu-utils",
+)
+
+
+@pytest.mark.nbd_client
+@_NEEDS_ISCSI
+def test_two_repositories_share_one_tgtd_with_distinct_iqns(
+    point_repo: PointRepo, tmp_path: Path
+) -> None:
+    """Two repositories export a session of the same name on one portal: one tgtd serves
+    both, the IQNs differ (repository id + session), and each LUN serves its own repository's
+    bytes. The daemon outlives the first unexport and stops with the last target."""
+    from pxeutil import teardown_iscsi
+    from vmutil import free_tcp_port
+
+    from pxe.iscsi import TargetDaemon, port_owners
+
+    root_b = tmp_path / "repo-b"
+    disk_b = tmp_path / "b.img"
+    disk_b.write_bytes(os.urandom(8 << 20))
+    env_a = {"APPLIANCE_REPO": str(point_repo.root)}
+    env_b = {"APPLIANCE_REPO": str(root_b)}
+    run_cli("init", env=env_b)
+    point_b = json.loads(run_cli("backup", "image", str(disk_b), "--source", "vm1", "--json",
+                                 env=env_b).stdout)["point"]  # fmt: skip
+    port = free_tcp_port()
+    portal = f"127.0.0.1:{port}"
+    try:
+        sa = json.loads(run_cli("iscsi", "export", point_repo.point, "--name", "vm-latest",
+                                "--portal", portal, "--json", env=env_a).stdout)  # fmt: skip
+        st = TargetDaemon().state()
+        assert st is not None
+        sb = json.loads(run_cli("iscsi", "export", point_b, "--name", "vm-latest",
+                                "--portal", portal, "--json", env=env_b).stdout)  # fmt: skip
+        assert TargetDaemon().state() == st  # reused, not a second daemon
+        assert [o.pid for o in port_owners("127.0.0.1", port)] == [st["proc"]["pid"]]
+        assert sa["iqn"] != sb["iqn"]
+        assert sa["iqn"].endswith(".vm-latest") and sb["iqn"].endswith(".vm-latest")
+        for s, disk in ((sa, point_repo.disk), (sb, disk_b)):
+            subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(disk),
+                            f"iscsi://{portal}/{s['iqn']}/1"], check=True,
+                           capture_output=True, timeout=60)  # fmt: skip
+        run_cli("iscsi", "unexport", "vm-latest", "--drop", env=env_a)
+        assert TargetDaemon().state() == st  # repository B still has a target
+        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(disk_b),
+                        f"iscsi://{portal}/{sb['iqn']}/1"], check=True, capture_output=True,
+                       timeout=60)  # fmt: skip
+        run_cli("iscsi", "unexport", "vm-latest", "--drop", env=env_b)
+        assert TargetDaemon().state() is None
+    finally:
+        teardown_iscsi(point_repo.root)
+        teardown_iscsi(root_b)
+
+
+@pytest.mark.nbd_client
+@_NEEDS_ISCSI
+def test_busy_iscsi_portal_is_an_error_naming_its_owner(point_repo: PointRepo) -> None:
+    """A port another process listens on is refused with its pid and command, whether tgtd
+    must be started for it or a running tgtd is asked to add it."""
+    import socket
+
+    from pxeutil import teardown_iscsi
+    from vmutil import free_tcp_port
+
+    env = {"APPLIANCE_REPO": str(point_repo.root)}
+    squatter = socket.socket()
+    squatter.bind(("0.0.0.0", 0))  # a wildcard listener collides with 127.0.0.1 too
+    squatter.listen(1)
+    busy = squatter.getsockname()[1]
+    try:
+        for name in ("busy1", "busy2"):
+            proc = run_cli("iscsi", "export", point_repo.point, "--name", name, "--portal",
+                           f"127.0.0.1:{busy}", env=env, check=False)  # fmt: skip
+            assert proc.returncode == 2, proc.stdout + proc.stderr
+            assert f"iSCSI portal 127.0.0.1:{busy} is busy: pid {os.getpid()} (" in proc.stderr
+            assert "python" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+            listed = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)
+            assert name not in [x["name"] for x in listed]  # nothing half-made left
+            if name == "busy1":  # now with a tgtd running on another portal
+                run_cli("iscsi", "export", point_repo.point, "--name", "ok1", "--portal",
+                        f"127.0.0.1:{free_tcp_port()}", env=env)  # fmt: skip
+    finally:
+        squatter.close()
+        teardown_iscsi(point_repo.root)
+
+
+@pytest.mark.nbd_client
+@_NEEDS_ISCSI
+def test_sanboot_is_prepared_on_assign_and_its_script_handed_out_once(
+    serve: Serve, point_repo: PointRepo
+) -> None:
+    """`pxe assign MAC sanboot P` makes the overlay and the target before any fetch; the
+    script with the CHAP secret is handed out once (second GET: no secret; HEAD: nothing);
+    assigning again rotates the secret; `pxe serve` says on exit which sessions it leaves."""
+    env = serve.env()
+    mac = "52:54:00:d1:00:42"
+    session = "pxe-525400d10042"
+    out = run_cli("pxe", "assign", mac, "sanboot", point_repo.point, env=env).stdout
+    assert f"iSCSI session {session}" in out and f"127.0.0.1:{serve.portal_port}" in out
+    s = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)[0]
+    assert (s["name"], s["alive"]) == (session, True)  # before any fetch
+    overlays = json.loads(run_cli("overlay", "list", "--json", env=env).stdout)
+    assert session in [o["name"] for o in overlays]
+    url = serve.url(f"/boot/{mac.replace(':', '-')}.ipxe")
+    assert _get(url, method="HEAD")[0] == 405
+    status, _, body = _get(url)
+    script = body.decode()
+    assert status == 200 and f"set password {s['chap_secret']}" in script
+    assert f"sanboot iscsi:127.0.0.1::{serve.portal_port}:1:{s['iqn']}" in script
+    status, _, body = _get(url)
+    assert status == 200 and b"set password" not in body and s["chap_secret"].encode() not in body
+    lun = f"127.0.0.1:{serve.portal_port}/{s['iqn']}/1"
+    ok = subprocess.run(["qemu-img", "info", f"iscsi://{s['chap_user']}%{s['chap_secret']}@{lun}"],
+                        capture_output=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    run_cli("pxe", "assign", mac, "sanboot", point_repo.point, env=env)  # re-arm: new secret
+    s2 = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)[0]
+    assert s2["chap_secret"] != s["chap_secret"] and s2["iqn"] == s["iqn"]
+    old = subprocess.run(["qemu-img", "info", f"iscsi://{s['chap_user']}%{s['chap_secret']}@{lun}"],
+                         capture_output=True, timeout=60)  # fmt: skip
+    assert old.returncode != 0  # whoever saw the spent script cannot log in any more
+
+    # supervised: the tgtd dies, `pxe serve` restarts it and the session (same credentials)
+    from pxe.iscsi import TargetDaemon
+
+    st = TargetDaemon().state()
+    assert st is not None
+    os.kill(st["proc"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while f"restarted iSCSI session {session}" not in serve.log_path.read_text():
+        assert time.monotonic() < deadline and serve.proc.poll() is None, serve.log_path.read_text()
+        time.sleep(0.2)
+    st2 = TargetDaemon().state()
+    assert st2 is not None and st2["proc"] != st["proc"]
+    s3 = json.loads(run_cli("iscsi", "list", "--json", env=env).stdout)[0]
+    assert s3["alive"] and s3["chap_secret"] == s2["chap_secret"]
+    again = subprocess.run(
+        ["qemu-img", "info", f"iscsi://{s2['chap_user']}%{s2['chap_secret']}@{lun}"],
+        capture_output=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(30) == 0
+    text = serve.log_path.read_text()
+    assert "1 SAN-boot/iSCSI session(s) keep running" in text
+    assert f"{session}: {point_repo.point}" in text and f"appliance pxe unassign {mac}" in text
+
+
+@pytest.mark.nbd_client
+@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="needs libnbd-bin")
+def test_pxe_serve_nbd_is_tls_and_exports_only_points_being_restored(
+    serve: Serve, point_repo: PointRepo
+) -> None:
+    """`pxe serve`'s NBD server needs the PSK (clear text is refused) and exports nothing
+    until a rescue script is handed out; then exactly the pinned point, until it is done."""
+    env = serve.env()
+    psk = serve.root / "pxe" / "nbd.psk"
+    assert psk.stat().st_mode & 0o077 == 0
+    user = psk.read_text().split(":", 1)[0]
+    base = f"nbds://{user}@127.0.0.1:{serve.nbd_port}"
+
+    def exports() -> set[str]:
+        out = subprocess.run(["nbdinfo", "--list", "--json", f"{base}/?tls-psk-file={psk}"],
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        return {e["export-name"] for e in json.loads(out.stdout)["exports"]}
+
+    assert exports() == set()
+    clear = subprocess.run(["nbdinfo", "--list", f"nbd://127.0.0.1:{serve.nbd_port}"],
+                           capture_output=True, timeout=60)  # fmt: skip
+    assert clear.returncode != 0
+    mac = "52:54:00:d1:00:43"
+    run_cli("pxe", "assign", mac, "rescue", point_repo.point, env=env)
+    assert exports() == set()  # assigned, not booting yet
+    status, _, body = _get(serve.url(f"/boot/{mac.replace(':', '-')}.ipxe"))
+    assert status == 200 and b"restore.psk=" in body
+    # the pinned point (and @latest only if it is that point: other tests commit new points)
+    assert exports() - {"vm1@latest/disk0"} == {f"{point_repo.point}/disk0"}
+    size = subprocess.run(["nbdinfo", "--size",
+                           f"{base}/{point_repo.point}/disk0?tls-psk-file={psk}"],
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert int(size.stdout) == point_repo.size
+    token = next(a for a in assignments_of(serve) if a.mac == mac).token
+    assert _post(serve.url(f"/rescue/{token}/done"), b"RESTORE OK") == 200
+    assert exports() == set()
+
+
+def assignments_of(serve: Serve) -> list[Assignment]:
+    return AssignmentStore(serve.root / "pxe").all()
