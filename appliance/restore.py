@@ -95,12 +95,7 @@ def restore_from_image(
     try:
         fs = image.open_filesystem(src)
         node = fs.lookup("/" + path)
-        if node.kind == "dir":
-            root, rel = dest, ""
-        elif dest.is_dir():
-            root, rel = dest, node.name
-        else:
-            root, rel = dest.parent, dest.name
+        root, rel = ds.restore_placement(dest, is_dir=node.kind == "dir", name=node.name)
         with ds.Dest(root) as out:
             _copy_tree(node, out, rel, result)
     except image.ImageError as exc:

@@ -49,6 +49,7 @@ from ._config import (
     unlock_keys,
 )
 from ._dest import Dest, DestMeta, UnsafePath, set_fd_meta, valid_name
+from ._dest import placement as restore_placement
 from ._filetree import (
     FileTree,
     TreeEntry,
@@ -191,6 +192,7 @@ __all__ = [
     "remove_key",
     "repair_chunks",
     "restore_image",
+    "restore_placement",
     "restore_tree",
     "set_fd_meta",
     "split_ref",

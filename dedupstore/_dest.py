@@ -96,6 +96,19 @@ def set_fd_meta(fd: int, meta: DestMeta, *, owner: bool) -> None:
         log.info("cannot set times: %s", exc)
 
 
+def placement(dest: Path, *, is_dir: bool, name: str) -> tuple[Path, str]:
+    """Where a restored entry lands: (the directory a `Dest` opens, the path beneath it).
+
+    A directory's contents go into `dest`; a single file goes into `dest` under its own name
+    when `dest` is an existing directory, else it becomes `dest` itself.
+    """
+    if is_dir:
+        return dest, ""
+    if dest.is_dir():
+        return dest, name
+    return dest.parent, dest.name
+
+
 class Dest:
     """A directory a restore writes beneath, by relative paths ("a/b/c", "" = the directory).
 

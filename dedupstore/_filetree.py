@@ -45,7 +45,7 @@ from typing import Any
 import msgpack
 from pyfastcdc.cy import FastCDC
 
-from ._dest import Dest, DestMeta, UnsafePath, set_fd_meta
+from ._dest import Dest, DestMeta, UnsafePath, placement, set_fd_meta
 from ._imagepoint import worker_count
 from ._repo import Point, Repository, validate_source_name
 from .errors import ChunkCorrupt, FormatError, InvalidArgument, NotFound
@@ -712,12 +712,7 @@ def restore_tree(
     dest = Path(dest)
     is_root = os.geteuid() == 0
     prefix = top.path
-    if top.kind == "dir":
-        root, top_rel = dest, ""
-    elif dest.is_dir():
-        root, top_rel = dest, top.name
-    else:
-        root, top_rel = dest.parent, dest.name
+    root, top_rel = placement(dest, is_dir=top.kind == "dir", name=top.name)
     entries = [
         e for e in tree.walk() if e.path == prefix or not prefix or e.path.startswith(prefix + "/")
     ]

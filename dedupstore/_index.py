@@ -94,6 +94,17 @@ def decode_value(raw: bytes | memoryview, what: str) -> Any:
         raise FormatError(f"index record {what} does not decode: {exc}") from exc
 
 
+def _put_or_delete(
+    txn: lmdb.Transaction, db: lmdb._Database, rows: Iterable[tuple[bytes, Any]]
+) -> None:
+    """Write each (key, value) checked; a None value deletes the key."""
+    for key, rec in rows:
+        if rec is None:
+            txn.delete(key, db=db)
+        else:
+            txn.put(key, encode_value(rec), db=db)
+
+
 def _key_name(key: bytes) -> str:
     return key.replace(b"\0", b"@").decode(errors="backslashreplace")
 
@@ -412,25 +423,13 @@ class Index:
             for cid in delete_chunks:
                 txn.delete(cid, db=self.chunks)
                 txn.delete(cid, db=self.bad)
-            for cid, rec in bad:
-                if rec is None:
-                    txn.delete(cid, db=self.bad)
-                else:
-                    txn.put(cid, encode_value(rec), db=self.bad)
-            for key, rec in deleted:
-                if rec is None:
-                    txn.delete(key, db=self.deleted)
-                else:
-                    txn.put(key, encode_value(rec), db=self.deleted)
+            _put_or_delete(txn, self.bad, bad)
+            _put_or_delete(txn, self.deleted, deleted)
             for pid, info in packs:
                 txn.put(pack_key(pid), encode_value(info), db=self.packs)
             for pid in delete_packs:
                 txn.delete(pack_key(pid), db=self.packs)
-            for key, rec in points:
-                if rec is None:
-                    txn.delete(key, db=self.points)
-                else:
-                    txn.put(key, encode_value(rec), db=self.points)
+            _put_or_delete(txn, self.points, points)
             for name, value in meta:
                 if value is None:
                     txn.delete(name.encode(), db=self.meta)
