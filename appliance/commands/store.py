@@ -491,7 +491,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{rep.points_checked} points"
         )
         for cid, err in rep.bad_chunks.items():
-            print(f"BAD chunk {cid.hex()[:16]}: {err}")
+            head = f"chunk {cid.hex()[:16]}"
+            print(f"BAD {err}" if err.startswith(head) else f"BAD {head}: {err}")
         for pid, why in rep.damaged_packs.items():
             print(f"DAMAGED pack {pid:016x}: {why}")
         for name, why in rep.damaged_points.items():
